@@ -1,0 +1,192 @@
+"""Time-conditioned denoising networks built from nnU-Net plans, and the segmentation wrapper the predictor calls.
+
+The denoiser is nnU-Net's own planned architecture (PlainConvUNet, ResidualEncoderUNet, ...: same stages,
+kernels, strides and features) with extra input channels. Time conditioning replaces every normalisation layer
+by the same layer followed by a per-channel scale/shift (FiLM) computed from a sinusoidal timestep embedding; the
+projections start at zero, so an untrained conditioned network equals the plain one. (The reference code adds
+the embedding *before* InstanceNorm, which removes it; `time_conditioning=False` reproduces that behaviour.)
+
+In eval mode `forward(image)` runs the whole sampler and returns the last step's x0 logits, so nnU-Net's
+sliding-window predictor, mirroring, `--save_probabilities`, ensembling and final validation work unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from nnunet_diffusion.core.masks import MaskCodec, noisy_mask_to_input
+from nnunet_diffusion.core.sampling import SamplerSettings
+from nnunet_diffusion.core.scheduler import DiffusionScheduler
+
+TIME_SCALE = 1000.0  # timesteps are embedded as (t + 1) / T · TIME_SCALE, so any T covers the same range
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer-style embedding of continuous timesteps (B,) → (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class TimeContext:
+    """Holds the current timestep embedding for the FiLM layers of one network (deliberately not a Module)."""
+
+    def __init__(self) -> None:
+        self.embedding: torch.Tensor | None = None
+
+
+class FiLMNorm(nn.Module):
+    """A normalisation layer followed by a timestep-dependent per-channel scale and shift."""
+
+    def __init__(self, norm: nn.Module, num_channels: int, embedding_dim: int, context: TimeContext):
+        super().__init__()
+        self.norm = norm
+        self.to_scale_shift = nn.Linear(embedding_dim, 2 * num_channels)
+        nn.init.zeros_(self.to_scale_shift.weight)
+        nn.init.zeros_(self.to_scale_shift.bias)
+        self._context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedding = self._context.embedding
+        if embedding is None:
+            raise RuntimeError("time-conditioned layer called without a timestep; call the wrapper network, "
+                               "not its inner UNet")
+        scale, shift = self.to_scale_shift(embedding).to(x.dtype).chunk(2, dim=1)
+        shape = (x.shape[0], -1) + (1,) * (x.ndim - 2)
+        return self.norm(x) * (1 + scale.reshape(shape)) + shift.reshape(shape)
+
+
+def _norm_channels(module: nn.Module) -> int | None:
+    if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm and InstanceNorm
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    return None
+
+
+def add_time_conditioning(network: nn.Module, embedding_dim: int, context: TimeContext) -> int:
+    """Wrap every normalisation layer of `network` in FiLMNorm, in place; returns how many were wrapped."""
+    wrapped = 0
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            channels = _norm_channels(child)
+            if channels is not None:
+                setattr(parent, name, FiLMNorm(child, channels, embedding_dim, context))
+                wrapped += 1
+    if wrapped == 0:
+        raise ValueError(f"{type(network).__name__} has no BatchNorm/InstanceNorm/GroupNorm layer to condition on "
+                         f"the timestep; use a time-unconditioned trainer variant")
+    return wrapped
+
+
+class DiffusionSegmentationNetwork(nn.Module):
+    """Denoiser f(image, x_t, t[, x̂0_prev]) → x0 logits; in eval mode `forward(image)` samples a segmentation."""
+
+    def __init__(self, unet: nn.Module, num_image_channels: int, codec: MaskCodec, alphas_cumprod: torch.Tensor,
+                 self_conditioning: bool = False, time_conditioning: bool = True, embedding_dim: int = 128):
+        super().__init__()
+        self.num_image_channels = num_image_channels
+        self.codec = codec
+        self.self_conditioning = self_conditioning
+        self.scheduler = DiffusionScheduler(alphas_cumprod)
+        self.context = TimeContext()
+        self.time_embedding: nn.Module | None = None
+        if time_conditioning:
+            add_time_conditioning(unet, embedding_dim, self.context)
+            self.time_embedding = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.SiLU(),
+                                                nn.Linear(embedding_dim, embedding_dim))
+            self.embedding_dim = embedding_dim
+        self.unet = unet
+        # Part of the state dict so that the predictor, which never sees dataset.json, decodes masks correctly.
+        self.register_buffer("uses_sigmoid", torch.tensor(codec.activation == "sigmoid"))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.scheduler.num_train_timesteps
+
+    @property
+    def num_mask_channels(self) -> int:
+        return self.codec.num_channels
+
+    def set_mask_activation(self, activation: str) -> None:
+        """Called by the trainer once it knows whether labels are regions (sigmoid) or classes (softmax)."""
+        self.codec = MaskCodec(self.codec.num_channels, activation, self.codec.ignore_label)
+        self.uses_sigmoid.fill_(activation == "sigmoid")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.codec = MaskCodec(self.codec.num_channels, "sigmoid" if bool(self.uses_sigmoid) else "softmax",
+                               self.codec.ignore_label)
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        self.unet.decoder.deep_supervision = enabled
+
+    def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                self_condition: torch.Tensor | None = None) -> torch.Tensor:
+        """One network evaluation: x0 logits for the noisy mask x_t at timesteps t (one per sample)."""
+        inputs = [image, noisy_mask_to_input(x_t).to(image.dtype)]
+        if self.self_conditioning:
+            inputs.append(torch.zeros_like(inputs[1]) if self_condition is None else self_condition.to(image.dtype))
+        if self.time_embedding is not None:
+            t_continuous = (t.to(image.device).float() + 1) / self.num_timesteps * TIME_SCALE
+            self.context.embedding = self.time_embedding(sinusoidal_embedding(t_continuous, self.embedding_dim))
+        try:
+            return self.unet(torch.cat(inputs, dim=1))
+        finally:
+            self.context.embedding = None
+
+    def forward(self, image: torch.Tensor, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                self_condition: torch.Tensor | None = None) -> torch.Tensor:
+        if x_t is not None:
+            if t is None:
+                raise ValueError("a noisy mask x_t needs its timesteps t")
+            return self.denoise(image, x_t, t, self_condition)
+        if self.training:
+            raise RuntimeError("in training mode the network needs (image, x_t, t); sampling runs in eval mode")
+        return self.sample(image, SamplerSettings.from_environment(self.num_timesteps))
+
+    def sample(self, image: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+        """Run the sampler from pure noise and return the last step's x0 logits (B, C, *spatial)."""
+        logits = None
+        for logits in self.sample_steps(image, settings):
+            pass
+        return logits
+
+    def sample_steps(self, image: torch.Tensor, settings: SamplerSettings) -> Iterator[torch.Tensor]:
+        """Yield the x0 logits of every sampling step (for per-step evaluation and early exit)."""
+        generator = None
+        if settings.seed is not None:
+            generator = torch.Generator(device=image.device).manual_seed(settings.seed)
+        shape = (image.shape[0], self.num_mask_channels, *image.shape[2:])
+        x_t = torch.randn(shape, generator=generator, device=image.device, dtype=torch.float32)
+        timesteps = self.scheduler.set_timesteps(settings.steps)
+        previous_x0 = None
+        for t in timesteps.tolist():
+            condition = noisy_mask_to_input(previous_x0) if previous_x0 is not None else None
+            logits = self.denoise(image, x_t, torch.full((image.shape[0],), t, device=image.device), condition)
+            if isinstance(logits, (list, tuple)):
+                logits = logits[0]
+            logits = logits.float()
+            x0 = self.codec.decode(logits)
+            yield logits
+            if settings.early_exit_tolerance is not None and previous_x0 is not None and \
+                    (x0 - previous_x0).abs().max().item() / 2 <= settings.early_exit_tolerance:
+                return
+            previous_x0 = x0
+            x_t = self.scheduler.step(x0, t, x_t, settings.sampler, generator).prev_sample
+
+
+def build_unet_from_plans(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                          deep_supervision: bool) -> nn.Module:
+    """nnU-Net's planned architecture with `num_input_channels` inputs (nnU-Net's own builder, reused)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    return get_network_from_plans(configuration_manager.network_arch_class_name,
+                                  configuration_manager.network_arch_init_kwargs,
+                                  configuration_manager.network_arch_init_kwargs_req_import,
+                                  num_input_channels, num_output_channels, allow_init=True,
+                                  deep_supervision=deep_supervision)
+

@@ -1,0 +1,62 @@
+"""Sampler settings chosen at prediction time, without retraining, through environment variables.
+
+nnU-Net's predictor only calls `network(x)`, so, like `nnUNet_compile`, these settings travel as documented
+environment variables and are read (and validated) at every sampling call:
+
+- `nnUNet_diffusion_sampler`: `ddim` (default, η = 0) or `ddpm`
+- `nnUNet_diffusion_steps`: number of sampling steps K, 1..T (default: T, the training timesteps)
+- `nnUNet_diffusion_seed`: integer; every network call then starts from the same seeded noise, so predictions
+  are reproducible and independent of tile and case order (unset: fresh noise per call)
+- `nnUNet_diffusion_early_exit`: tolerance in [0, 1]; stop once no voxel's probability moves by more than this
+  between two steps (unset: always run K steps)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from nnunet_diffusion.core.scheduler import SAMPLERS
+
+ENV_SAMPLER = "nnUNet_diffusion_sampler"
+ENV_STEPS = "nnUNet_diffusion_steps"
+ENV_SEED = "nnUNet_diffusion_seed"
+ENV_EARLY_EXIT = "nnUNet_diffusion_early_exit"
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sampler: str
+    steps: int
+    seed: int | None = None
+    early_exit_tolerance: float | None = None
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; set {ENV_SAMPLER} to one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise ValueError(f"{ENV_STEPS} must be at least 1, got {self.steps}")
+        if self.early_exit_tolerance is not None and not 0 <= self.early_exit_tolerance <= 1:
+            raise ValueError(f"{ENV_EARLY_EXIT} must be a number in [0, 1], got {self.early_exit_tolerance}")
+
+    @classmethod
+    def from_environment(cls, num_timesteps: int) -> "SamplerSettings":
+        """Read and validate the nnUNet_diffusion_* variables for a model trained with `num_timesteps` steps."""
+        sampler = os.environ.get(ENV_SAMPLER, "ddim").strip().lower()
+        steps = _parse(ENV_STEPS, int, str(num_timesteps))
+        if steps > num_timesteps:
+            raise ValueError(f"{ENV_STEPS}={steps} exceeds the {num_timesteps} timesteps this model was trained "
+                             f"with; use a value in 1..{num_timesteps}")
+        seed = _parse(ENV_SEED, int, None)
+        tolerance = _parse(ENV_EARLY_EXIT, float, None)
+        return cls(sampler=sampler, steps=steps, seed=seed, early_exit_tolerance=tolerance)
+
+
+def _parse(name: str, kind: type, default: str | None):
+    raw = os.environ.get(name, default)
+    if raw is None or raw == "":
+        return None if default is None else kind(default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}; unset it or give e.g. "
+                         f"{name}={'5' if kind is int else '0.01'}") from None

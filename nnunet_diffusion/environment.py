@@ -1,0 +1,33 @@
+"""Where nnU-Net must look for the plugin's trainers, and the shell line that tells it."""
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+EXT_TRAINER_VARIABLE = "nnUNet_extTrainer"
+
+
+def shim_folder() -> Path:
+    """The installed folder of one-line shims that re-export `nnunet_diffusion.trainers`."""
+    import nnunet_diffusion_ext
+    return Path(next(iter(nnunet_diffusion_ext.__path__))).resolve()
+
+
+def ext_trainer_value(current: str | None = None) -> str:
+    """`nnUNet_extTrainer` with the plugin's shim folder first, keeping any folders already listed."""
+    current = os.environ.get(EXT_TRAINER_VARIABLE, "") if current is None else current
+    ours = str(shim_folder())
+    others = [p for p in current.split(os.pathsep) if p and Path(p).resolve() != Path(ours)]
+    return os.pathsep.join([ours, *others])
+
+
+def with_plugin_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of `env` (default: os.environ) in which nnU-Net finds the plugin's trainers."""
+    env = dict(os.environ if env is None else env)
+    env[EXT_TRAINER_VARIABLE] = ext_trainer_value(env.get(EXT_TRAINER_VARIABLE, ""))
+    return env
+
+
+def export_line() -> str:
+    return f"export {EXT_TRAINER_VARIABLE}={shlex.quote(ext_trainer_value())}"

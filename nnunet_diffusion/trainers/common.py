@@ -1,0 +1,55 @@
+"""Helpers shared by the plugin's trainers: unwrapping DDP/compile, optimiser steps, checkpoint checks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module behind nnU-Net's optional DDP and torch.compile wrappers."""
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+def backward_and_step(trainer, loss: torch.Tensor) -> None:
+    """nnU-Net's update (gradient scaling on CUDA, clipping at norm 12), for trainers with their own train_step."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at epoch {trainer.current_epoch}: the weights are not "
+            f"updated with it. Likely causes: a learning rate too high for this plan, NaN/inf voxels in the "
+            f"preprocessed images (check the raw images), or an fp16 overflow on GPU; resume from the last "
+            f"checkpoint with --c after fixing the cause")
+    if trainer.grad_scaler is not None:
+        trainer.grad_scaler.scale(loss).backward()
+        trainer.grad_scaler.unscale_(trainer.optimizer)
+        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
+        trainer.grad_scaler.step(trainer.optimizer)
+        trainer.grad_scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
+        trainer.optimizer.step()
+
+
+def mismatching_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
+    """Human-readable list of the first keys that are missing, unexpected or of another shape."""
+    found = {k[7:] if k.startswith("module.") and k not in expected else k: v for k, v in found.items()}
+    problems = [f"missing {k}" for k in expected if k not in found]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    problems += [f"{k}: shape {tuple(found[k].shape)} != expected {tuple(v.shape)}"
+                 for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    return problems[:limit]
+
+
+def ensure_checkpoint_fits(trainer, checkpoint: dict, source: str) -> None:
+    """Raise a clear error when a checkpoint was written by a trainer whose network differs from this one's."""
+    problems = mismatching_keys(unwrap(trainer.network).state_dict(), checkpoint["network_weights"])
+    if problems:
+        written_by = checkpoint.get("trainer_name", "an unknown trainer")
+        raise RuntimeError(
+            f"{source} was written by {written_by} and does not fit {type(trainer).__name__} "
+            f"(first mismatches: {'; '.join(problems)}). Use the trainer that wrote it: -tr {written_by}")

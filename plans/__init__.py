@@ -1,0 +1,1 @@
+"""Plans presets (JSON) that `nnunet-diffusion plans` turns into inheriting nnU-Net configurations."""

@@ -1,0 +1,39 @@
+"""nnunet-diffusion: diffusion segmentation and diffusion pretraining as nnU-Net v2 trainers."""
+from setuptools import setup
+
+setup(
+    name="nnunet-diffusion",
+    version="0.1.0",
+    description="Diffusion models for 3D medical image segmentation as a plugin for stock nnU-Net v2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "nnunet_diffusion",
+        "nnunet_diffusion.core",
+        "nnunet_diffusion.trainers",
+        "nnunet_diffusion.datasets",
+        "nnunet_diffusion.evaluation",
+        "nnunet_diffusion.bpr",
+        "nnunet_diffusion.pretraining",
+        # The folder nnU-Net's `nnUNet_extTrainer` points at: one-line shims only (see docs/install.md).
+        "nnunet_diffusion_ext",
+        # The plans presets of plans/ (JSON), read by `nnunet-diffusion plans`.
+        "nnunet_diffusion_presets",
+    ],
+    package_dir={"nnunet_diffusion_ext": "trainers", "nnunet_diffusion_presets": "plans"},
+    package_data={"nnunet_diffusion_presets": ["*.json"]},
+    install_requires=[
+        "nnunetv2>=2.8,<2.9",
+        "torch>=2.1",
+        "batchgenerators>=0.25",
+        "SimpleITK>=2.2",
+        "acvl-utils>=0.2",
+        "dynamic-network-architectures>=0.4",
+        "numpy",
+        "scipy",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["nnunet-diffusion=nnunet_diffusion.cli:main"]},
+)
