@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("nnunet_diffusion.cli", "print the shell line that lets nnU-Net find the plugin's trainers"),
     "plans": ("nnunet_diffusion.cli", "write a CPU-sized inheriting configuration from a plans preset"),
     "demo": ("nnunet_diffusion.demo", "generate a dataset, train stock and recycling trainers, predict, print Dice"),
+    "convert-brats": ("nnunet_diffusion.datasets.brats", "convert BraTS 2013 (DeepMedic layout) to an nnU-Net dataset"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Evaluation building blocks: Dice/HD95, seed variance, voxel uncertainty and result writers (no trainer code)."""

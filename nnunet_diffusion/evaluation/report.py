@@ -1,0 +1,91 @@
+"""Writers for result tables and curves: CSV/JSON for machines, Markdown for the README, PNG for the eye."""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """One row per mapping; columns are the union of the keys in first-seen order, missing cells left empty."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path = _prepare(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """JSON with numpy scalars/arrays converted; NaN is kept as NaN, as in nnU-Net's summary.json."""
+    path = _prepare(path)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=_to_builtin)
+        f.write("\n")
+    return path
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub Markdown table of `columns`; floats get 4 decimals, missing cells stay empty."""
+    if not columns:
+        raise ValueError("markdown_table needs at least one column")
+    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_png: str | Path) -> Path:
+    """One line per trainer against sampling step 1..K (e.g. Dice vs step, max ΔDice across seeds vs step).
+
+    Uses the Agg canvas directly, so no display is needed and no global matplotlib backend is changed.
+    """
+    if not curves:
+        raise ValueError("no curves to plot; pass {trainer name: [value per step]}")
+    empty = [name for name, values in curves.items() if len(values) == 0]
+    if empty:
+        raise ValueError(f"curves without values: {', '.join(empty)}")
+    figure = Figure(figsize=(5, 3.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, values in curves.items():
+        steps = np.arange(1, len(values) + 1)
+        axes.plot(steps, np.asarray(values, dtype=float), marker="o", label=name)
+    axes.set_xlabel("sampling step")
+    axes.set_ylabel(ylabel)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    out_png = _prepare(out_png)
+    figure.savefig(out_png, format="png")
+    return out_png
+
+
+def _prepare(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cell(value: Any) -> str:
+    text = f"{value:.4f}" if isinstance(value, (float, np.floating)) else str(value)
+    return text.replace("|", "\\|")
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
