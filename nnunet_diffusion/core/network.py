@@ -70,17 +70,18 @@ def _norm_channels(module: nn.Module) -> int | None:
 
 def add_time_conditioning(network: nn.Module, embedding_dim: int, context: TimeContext) -> int:
     """Wrap every normalisation layer of `network` in FiLMNorm, in place; returns how many were wrapped."""
-    wrapped = 0
+    wrappers: dict[int, FiLMNorm] = {}  # a norm can have two parents (e.g. `.norm` and `.all_modules[i]`)
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             channels = _norm_channels(child)
             if channels is not None:
-                setattr(parent, name, FiLMNorm(child, channels, embedding_dim, context))
-                wrapped += 1
-    if wrapped == 0:
+                if id(child) not in wrappers:
+                    wrappers[id(child)] = FiLMNorm(child, channels, embedding_dim, context)
+                setattr(parent, name, wrappers[id(child)])
+    if not wrappers:
         raise ValueError(f"{type(network).__name__} has no BatchNorm/InstanceNorm/GroupNorm layer to condition on "
                          f"the timestep; use a time-unconditioned trainer variant")
-    return wrapped
+    return len(wrappers)
 
 
 class DiffusionSegmentationNetwork(nn.Module):

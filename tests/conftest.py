@@ -1,0 +1,35 @@
+"""Session fixtures: an isolated nnU-Net workspace in which the plugin's trainers are discoverable."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nnunet_diffusion.environment import with_plugin_environment
+
+NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_def_n_proc")
+
+
+@pytest.fixture(scope="session")
+def nnunet_workspace(tmp_path_factory):
+    """Point nnU-Net's folders at a temporary workspace for the whole session and make our trainers findable."""
+    root = tmp_path_factory.mktemp("nnunet")
+    saved = {k: os.environ.get(k) for k in NNUNET_VARIABLES}
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir()
+        os.environ[name] = str(root / name)
+    os.environ["nnUNet_def_n_proc"] = "2"
+    os.environ["nnUNet_extTrainer"] = with_plugin_environment()["nnUNet_extTrainer"]
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(nnunet_workspace):
+    """The generated ball-and-box dataset, planned and preprocessed, with the cpu_tiny configuration."""
+    from nnunet_runs import make_dataset
+    return make_dataset(990, "DiffusionDemo", num_train=10, num_test=2)

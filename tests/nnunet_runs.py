@@ -1,0 +1,112 @@
+"""Test helpers that drive real nnU-Net: planning, in-process training of a named trainer, stock CLI prediction."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nnunet_diffusion.datasets.synthetic import LABELS, generate_synthetic_dataset
+from nnunet_diffusion.plans import write_preset_plans
+
+PLANS = "nnUNetPlansCPU"
+CONFIGURATION = "3d_cpu"
+
+
+@dataclass
+class Dataset:
+    dataset_id: int
+    raw: Path
+
+    @property
+    def name(self) -> str:
+        return self.raw.name
+
+    @property
+    def test_images(self) -> Path:
+        return self.raw / "imagesTs"
+
+    @property
+    def test_labels(self) -> Path:
+        return self.raw / "labelsTs"
+
+
+def run(command: list[str], env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def plan_and_preprocess(dataset_id: int) -> None:
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2",
+         "--verify_dataset_integrity"])
+    preprocessed = Path(os.environ["nnUNet_preprocessed"])
+    write_preset_plans(next(preprocessed.glob(f"Dataset{dataset_id:03d}_*")), "cpu_tiny")
+
+
+def make_dataset(dataset_id: int, name: str, num_train: int = 8, num_test: int = 2,
+                 dataset_json_update: dict | None = None, label_transform=None) -> Dataset:
+    """Generate, optionally rewrite labels / dataset.json (regions, ignore label), then plan and preprocess."""
+    raw = generate_synthetic_dataset(os.environ["nnUNet_raw"], dataset_id, name, num_train, num_test,
+                                     shape=(32, 32, 32), seed=dataset_id)
+    if label_transform is not None:
+        import SimpleITK as sitk
+        for file in sorted(raw.glob("labels*/*.nii.gz")):
+            image = sitk.ReadImage(str(file))
+            relabelled = sitk.GetImageFromArray(label_transform(sitk.GetArrayFromImage(image)))
+            relabelled.CopyInformation(image)
+            sitk.WriteImage(relabelled, str(file))
+    if dataset_json_update:
+        dataset_json = json.loads((raw / "dataset.json").read_text())
+        dataset_json.update(dataset_json_update)
+        (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    plan_and_preprocess(dataset_id)
+    return Dataset(dataset_id, raw)
+
+
+def model_folder(dataset: Dataset, trainer: str) -> Path:
+    return Path(os.environ["nnUNet_results"]) / dataset.name / f"{trainer}__{PLANS}__{CONFIGURATION}"
+
+
+def train_in_process(dataset: Dataset, trainer_name: str, iterations: int = 2, epochs: int = 1, fold: int = 0,
+                     validate: bool = False):
+    """Train a trainer found by nnU-Net's own lookup, with nnU-Net's own loop, for a few iterations."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    shutil.rmtree(model_folder(dataset, trainer_name) / f"fold_{fold}", ignore_errors=True)
+    previous = os.environ.get("nnUNet_n_proc_DA")
+    os.environ["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation: no worker start-up per test
+    try:
+        trainer = get_trainer_from_args(str(dataset.dataset_id), CONFIGURATION, fold, trainer_name, PLANS,
+                                        device=torch.device("cpu"))
+        trainer.num_iterations_per_epoch = iterations
+        trainer.num_val_iterations_per_epoch = 1
+        trainer.num_epochs = epochs
+        trainer.run_training()
+        if validate:
+            trainer.perform_actual_validation(False)
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_n_proc_DA")
+        else:
+            os.environ["nnUNet_n_proc_DA"] = previous
+    return trainer
+
+
+def predict(dataset: Dataset, trainer: str, output: Path, inputs: Path | None = None, extra: list[str] = (),
+            env: dict[str, str] | None = None, fold: str = "0", check: bool = True) -> subprocess.CompletedProcess:
+    """The stock `nnUNetv2_predict` command, sequential (no worker pools) to keep tests light."""
+    return run(["nnUNetv2_predict", "-i", str(inputs or dataset.test_images), "-o", str(output), "-d",
+                str(dataset.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", trainer, "-f", fold,
+                "-device", "cpu", "-npp", "0", "-nps", "0", *extra], env=env, check=check)
+
+
+def mean_dice(dataset: Dataset, predictions: Path) -> float:
+    from nnunet_diffusion.evaluation.metrics import evaluate_folder
+    return evaluate_folder(predictions, dataset.test_labels, [v for v in LABELS.values() if v]
+                           )["foreground_mean"]["Dice"]

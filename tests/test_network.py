@@ -1,0 +1,136 @@
+"""The denoiser built from nnU-Net plans, its time conditioning and the sampling wrapper."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_diffusion.core.masks import MaskCodec
+from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, FiLMNorm
+from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS, SamplerSettings
+from nnunet_diffusion.core.schedules import make_alphas_cumprod
+from nnunet_diffusion.trainers.segmentation import (nnUNetTrainerDiffRecycle, nnUNetTrainerDiffRecycleNoTime,
+                                                    nnUNetTrainerDiffSelfCond)
+from nnunet_runs import run
+
+
+def _configuration(plans_file, configuration="3d_fullres"):
+    manager = PlansManager(json.loads(open(plans_file).read()))
+    return manager, manager.get_configuration(configuration)
+
+
+@pytest.fixture(scope="module")
+def real_plans(demo_dataset):
+    """nnU-Net's default (PlainConvUNet) and ResEnc-M plans for the generated dataset."""
+    folder = os.path.join(os.environ["nnUNet_preprocessed"], demo_dataset.name)
+    run(["nnUNetv2_plan_experiment", "-d", str(demo_dataset.dataset_id), "-pl", "nnUNetPlannerResEncM"])
+    return {"PlainConvUNet": f"{folder}/nnUNetPlans.json", "ResidualEncoderUNet": f"{folder}/nnUNetResEncUNetMPlans.json"}
+
+
+def _convs(module):
+    return [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in module.modules()
+            if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+
+
+@pytest.mark.parametrize("architecture", ["PlainConvUNet", "ResidualEncoderUNet"])
+def test_denoiser_keeps_nnunets_planned_architecture_with_extra_mask_channels(real_plans, architecture):
+    manager, configuration = _configuration(real_plans[architecture])
+    assert configuration.network_arch_class_name.endswith(architecture)
+    network = nnUNetTrainerDiffRecycle.build_network_architecture(manager, configuration, 1, 3, False)
+    stock = get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+                                   configuration.network_arch_init_kwargs_req_import, 1 + 3, 3, deep_supervision=False)
+    assert _convs(network.unet) == _convs(stock)  # same stages, kernels, strides, features
+    assert sum(isinstance(m, FiLMNorm) for m in network.modules()) == \
+        sum(isinstance(m, torch.nn.InstanceNorm3d) for m in stock.modules())
+
+
+def test_self_conditioning_adds_another_set_of_mask_channels(real_plans):
+    manager, configuration = _configuration(real_plans["PlainConvUNet"])
+    network = nnUNetTrainerDiffSelfCond.build_network_architecture(manager, configuration, 2, 3, False)
+    assert _convs(network.unet)[0][0] == 2 + 3 + 3
+
+
+def _small_network(time_conditioning=True, self_conditioning=False, channels=3, activation="softmax"):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    torch.manual_seed(0)
+    extra = channels * (2 if self_conditioning else 1)
+    unet = PlainConvUNet(1 + extra, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), 1, channels, 1,
+                         conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True},
+                         nonlin=torch.nn.LeakyReLU)
+    return DiffusionSegmentationNetwork(unet, 1, MaskCodec(channels, activation), make_alphas_cumprod("linear", 5),
+                                        self_conditioning=self_conditioning, time_conditioning=time_conditioning)
+
+
+def _perturb_film(network):
+    with torch.no_grad():
+        for m in network.modules():
+            if isinstance(m, FiLMNorm):
+                m.to_scale_shift.weight.normal_(0, 0.5)
+
+
+def test_time_conditioning_starts_as_identity_and_then_makes_the_output_depend_on_t():
+    network = _small_network()
+    image, x_t = torch.randn(2, 1, 8, 8, 8), torch.randn(2, 3, 8, 8, 8)
+    t0, t3 = torch.tensor([0, 0]), torch.tensor([3, 3])
+    assert torch.allclose(network(image, x_t, t0), network(image, x_t, t3))  # zero-initialised FiLM
+    _perturb_film(network)
+    assert not torch.allclose(network(image, x_t, t0), network(image, x_t, t3), atol=1e-4)
+
+
+def test_unconditioned_network_ignores_the_timestep():
+    network = _small_network(time_conditioning=False)
+    image, x_t = torch.randn(1, 1, 8, 8, 8), torch.randn(1, 3, 8, 8, 8)
+    assert torch.equal(network(image, x_t, torch.tensor([0])), network(image, x_t, torch.tensor([4])))
+    assert not any(isinstance(m, FiLMNorm) for m in network.modules())
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("self_conditioning", [False, True])
+def test_eval_forward_samples_finite_logits_of_the_predictors_shape(activation, self_conditioning):
+    network = _small_network(self_conditioning=self_conditioning, activation=activation).eval()
+    _perturb_film(network)
+    with torch.inference_mode():
+        logits = network(torch.randn(2, 1, 8, 12, 8))
+    assert logits.shape == (2, 3, 8, 12, 8)
+    assert torch.isfinite(logits).all()
+
+
+def test_sampling_steps_and_seed_come_from_the_environment(monkeypatch):
+    network = _small_network().eval()
+    _perturb_film(network)
+    image = torch.randn(1, 1, 8, 8, 8)
+    monkeypatch.setenv(ENV_SEED, "11")
+    monkeypatch.setenv(ENV_SAMPLER, "ddpm")
+    with torch.inference_mode():
+        first, second = network(image), network(image)
+        monkeypatch.setenv(ENV_SEED, "12")
+        third = network(image)
+    assert torch.equal(first, second) and not torch.equal(first, third)
+    steps = list(network.sample_steps(image, SamplerSettings("ddim", 3, seed=1)))
+    assert len(steps) == 3
+
+
+@pytest.mark.parametrize("tolerance,expected_steps", [(1.0, 2), (0.0, 5), (None, 5)])
+def test_early_exit_stops_once_no_probability_moves_more_than_the_tolerance(tolerance, expected_steps):
+    network = _small_network().eval()
+    _perturb_film(network)
+    with torch.inference_mode():
+        steps = list(network.sample_steps(torch.randn(1, 1, 8, 8, 8), SamplerSettings("ddim", 5, 0, tolerance)))
+    assert len(steps) == expected_steps
+
+
+def test_training_mode_forward_requires_the_noisy_mask():
+    with pytest.raises(RuntimeError, match="needs \\(image, x_t, t\\)"):
+        _small_network().train()(torch.randn(1, 1, 8, 8, 8))
+
+
+def test_mask_activation_travels_in_the_state_dict():
+    trained = _small_network(activation="softmax")
+    trained.set_mask_activation("sigmoid")
+    fresh = _small_network(activation="softmax")
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.codec.activation == "sigmoid"

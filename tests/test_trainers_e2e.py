@@ -1,0 +1,50 @@
+"""Every segmentation trainer: found by nnU-Net, trained by nnU-Net's loop, predicted by the stock nnUNetv2_predict."""
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_diffusion.trainers import __all__ as TRAINER_NAMES
+from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS
+from nnunet_runs import mean_dice, predict, train_in_process
+
+
+def test_nnunets_own_lookup_finds_every_trainer_through_the_shim_folder(nnunet_workspace):
+    script = ("import json; from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+              f"print(json.dumps({{n: f(n).__module__ for n in {TRAINER_NAMES!r}}}))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(modules) == set(TRAINER_NAMES)
+    assert all(m.startswith("nnunet_diffusion.trainers.") for m in modules.values())  # real classes, not shims
+
+
+def test_trainer_names_are_safe_for_nnunet_folder_names():
+    assert all("__" not in name for name in TRAINER_NAMES)
+
+
+@pytest.mark.parametrize("trainer_class", SEGMENTATION_TRAINERS, ids=lambda c: c.__name__)
+def test_signatures_match_nnunet_exactly(trainer_class):
+    assert inspect.signature(trainer_class.__init__) == inspect.signature(nnUNetTrainer.__init__)
+    assert inspect.signature(trainer_class.build_network_architecture) == \
+        inspect.signature(nnUNetTrainer.build_network_architecture)
+
+
+@pytest.mark.parametrize("trainer_name", [c.__name__ for c in SEGMENTATION_TRAINERS])
+def test_trains_and_predicts_with_stock_nnunetv2_predict(demo_dataset, trainer_name, tmp_path):
+    trainer = train_in_process(demo_dataset, trainer_name)
+    checkpoint = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", weights_only=False)
+    assert checkpoint["trainer_name"] == trainer_name
+    predict(demo_dataset, trainer_name, tmp_path / "pred", extra=["--disable_tta"])
+    for image in sorted(demo_dataset.test_images.glob("*.nii.gz")):
+        prediction = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))
+        assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
+    assert 0 <= mean_dice(demo_dataset, tmp_path / "pred") <= 1
