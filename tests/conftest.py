@@ -33,3 +33,14 @@ def demo_dataset(nnunet_workspace):
     """The generated ball-and-box dataset, planned and preprocessed, with the cpu_tiny configuration."""
     from nnunet_runs import make_dataset
     return make_dataset(990, "DiffusionDemo", num_train=10, num_test=2)
+
+
+@pytest.fixture(scope="session")
+def cli_trained_recycle(demo_dataset):
+    """nnUNetTrainerDiffRecycle_1epoch trained with the real `nnUNetv2_train` command (250 iterations on the
+    cpu_tiny configuration), including nnU-Net's own final validation of fold 0."""
+    from nnunet_runs import CONFIGURATION, PLANS, model_folder, run
+    trainer = "nnUNetTrainerDiffRecycle_1epoch"
+    run(["nnUNetv2_train", str(demo_dataset.dataset_id), CONFIGURATION, "0", "-p", PLANS, "-tr", trainer,
+         "-device", "cpu"])
+    return model_folder(demo_dataset, trainer)

@@ -169,8 +169,6 @@ class DiffusionSegmentationNetwork(nn.Module):
         for t in timesteps.tolist():
             condition = noisy_mask_to_input(previous_x0) if previous_x0 is not None else None
             logits = self.denoise(image, x_t, torch.full((image.shape[0],), t, device=image.device), condition)
-            if isinstance(logits, (list, tuple)):
-                logits = logits[0]
             logits = logits.float()
             x0 = self.codec.decode(logits)
             yield logits

@@ -52,8 +52,6 @@ class TrainingStrategy(ABC):
         """A first pass without gradient, returning the soft x̂0 = 2·p − 1 (never argmax)."""
         with torch.no_grad():
             logits = denoise(x_t, t, None)
-        if isinstance(logits, (list, tuple)):  # deep supervision: the full-resolution output comes first
-            logits = logits[0]
         return self.codec.decode(logits).detach()
 
     @abstractmethod

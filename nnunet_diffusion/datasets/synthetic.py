@@ -25,8 +25,8 @@ def _case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.nda
     half = rng.uniform(0.1, 0.16, 3) * size
     corner = rng.uniform(half + 2, size - half - 2)
     labels[np.all(np.abs(grid - corner) <= half, axis=-1) & (labels == 0)] = 2
-    background = 0.3 * np.sin(grid[..., 0] / size[0] * rng.uniform(2, 5))
-    image = background + np.choose(labels, [0.0, 1.0, -0.8]) + rng.normal(0, 0.35, shape)
+    background = 0.2 * np.sin(grid[..., 0] / size[0] * rng.uniform(2, 5))
+    image = background + np.choose(labels, [0.0, 1.2, -1.5]) + rng.normal(0, 0.3, shape)
     return image.astype(np.float32), labels
 
 

@@ -29,7 +29,6 @@ class nnUNetTrainerDiff(nnUNetTrainer):
     noise_schedule = "linear"
     num_timesteps = 5
     time_conditioning = True
-    deep_supervision = False
     focal_loss = False
     training_epochs: int | None = None  # set by the short-schedule variants
 
@@ -40,7 +39,7 @@ class nnUNetTrainerDiff(nnUNetTrainer):
             raise ValueError(f"{type(self).__name__} does not support cascaded configurations "
                              f"({configuration} uses the segmentation of {self.configuration_manager.previous_stage_name}); "
                              f"train a full-resolution configuration such as 3d_fullres")
-        self.enable_deep_supervision = self.deep_supervision
+        self.enable_deep_supervision = False
         if self.training_epochs is not None:
             self.num_epochs = self.training_epochs
         self.codec = MaskCodec(self.label_manager.num_segmentation_heads,
@@ -79,13 +78,10 @@ class nnUNetTrainerDiff(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         data = batch['data'].to(self.device, non_blocking=True)
-        target = batch['target']
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        full_resolution_target = target[0] if isinstance(target, list) else target
+        target = batch['target'].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
-            final = self.strategy.final_pass(self.codec.encode(full_resolution_target),
+            final = self.strategy.final_pass(self.codec.encode(target),
                                              lambda x_t, t, condition: self.network(data, x_t, t, condition))
             output = self.network(data, final.x_t, final.t, final.self_condition)
             loss = self.loss(output, target)

@@ -1,0 +1,87 @@
+"""The recycling trainer learns through the stock CLI, and nnU-Net's whole prediction path works on it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_runs import CONFIGURATION, PLANS, mean_dice, predict, run, train_in_process
+
+TRAINER = "nnUNetTrainerDiffRecycle_1epoch"
+LEARNED_DICE = 0.6  # mean foreground Dice on held-out cases that training must reach and an untrained net misses
+
+
+@pytest.fixture(scope="module")
+def untrained_fold(demo_dataset, cli_trained_recycle):
+    """Fold 1 of the same model folder holding the network as initialised, never updated."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args(str(demo_dataset.dataset_id), CONFIGURATION, 1, TRAINER, PLANS,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.save_checkpoint(f"{trainer.output_folder}/checkpoint_final.pth")
+    return "1"
+
+
+def test_recycling_learns_the_task_that_an_untrained_network_fails(demo_dataset, cli_trained_recycle,
+                                                                   untrained_fold, tmp_path):
+    predict(demo_dataset, TRAINER, tmp_path / "trained", env={"nnUNet_diffusion_seed": "0"})
+    predict(demo_dataset, TRAINER, tmp_path / "untrained", fold=untrained_fold, env={"nnUNet_diffusion_seed": "0"})
+    trained, untrained = mean_dice(demo_dataset, tmp_path / "trained"), mean_dice(demo_dataset, tmp_path / "untrained")
+    print(f"held-out mean Dice: trained {trained:.3f}, untrained {untrained:.3f}")
+    assert trained > LEARNED_DICE > untrained
+
+
+def test_the_trainers_own_final_validation_ran_unchanged(cli_trained_recycle):
+    summary = json.loads((cli_trained_recycle / "fold_0" / "validation" / "summary.json").read_text())
+    assert 0 <= summary["foreground_mean"]["Dice"] <= 1
+    assert (cli_trained_recycle / "fold_0" / "progress.png").is_file()
+
+
+def test_sliding_window_over_a_larger_image_with_mirroring_and_probabilities(demo_dataset, cli_trained_recycle,
+                                                                             tmp_path):
+    """A 48x40x36 image needs several 32³ tiles; test-time mirroring is on (nnU-Net's default)."""
+    (tmp_path / "in").mkdir()
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(36, 40, 48)).astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "in" / "big_0000.nii.gz"))
+    predict(demo_dataset, TRAINER, tmp_path / "out", inputs=tmp_path / "in", extra=["--save_probabilities"])
+    assert sitk.ReadImage(str(tmp_path / "out" / "big.nii.gz")).GetSize() == (48, 40, 36)
+    probabilities = np.load(tmp_path / "out" / "big.npz")["probabilities"]
+    assert probabilities.shape == (3, 36, 40, 48)
+    assert np.isfinite(probabilities).all() and np.allclose(probabilities.sum(0), 1, atol=1e-3)
+
+
+def test_seeded_predictions_are_identical_and_unseeded_ones_vary(demo_dataset, cli_trained_recycle, tmp_path):
+    outputs = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", None)):
+        env = {"nnUNet_diffusion_sampler": "ddpm", **({"nnUNet_diffusion_seed": seed} if seed else {})}
+        predict(demo_dataset, TRAINER, tmp_path / name, extra=["--disable_tta", "--save_probabilities"], env=env)
+        outputs[name] = np.load(tmp_path / name / "diffusiondemo_ts_000.npz")["probabilities"]
+    assert np.array_equal(outputs["a"], outputs["b"])
+    assert not np.array_equal(outputs["a"], outputs["c"])
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"nnUNet_diffusion_steps": "6"}, "nnUNet_diffusion_steps=6 exceeds the 5 timesteps"),
+    ({"nnUNet_diffusion_sampler": "euler"}, "unknown sampler 'euler'"),
+])
+def test_invalid_sampler_settings_stop_prediction_with_a_clear_message(demo_dataset, cli_trained_recycle, tmp_path,
+                                                                       env, message):
+    result = predict(demo_dataset, TRAINER, tmp_path / "out", extra=["--disable_tta"], env=env, check=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_fewer_ddpm_steps_and_ensembling_with_the_stock_trainer(demo_dataset, cli_trained_recycle, tmp_path):
+    train_in_process(demo_dataset, "nnUNetTrainer", iterations=2)
+    predict(demo_dataset, "nnUNetTrainer", tmp_path / "stock", extra=["--disable_tta", "--save_probabilities"])
+    predict(demo_dataset, TRAINER, tmp_path / "diff", extra=["--disable_tta", "--save_probabilities"],
+            env={"nnUNet_diffusion_sampler": "ddpm", "nnUNet_diffusion_steps": "3"})
+    run(["nnUNetv2_ensemble", "-i", str(tmp_path / "stock"), str(tmp_path / "diff"), "-o", str(tmp_path / "ens"),
+         "-np", "1", "--save_npz"])
+    assert 0 <= mean_dice(demo_dataset, tmp_path / "ens") <= 1
+    ensembled = np.load(tmp_path / "ens" / "diffusiondemo_ts_000.npz")["probabilities"]
+    average = (np.load(tmp_path / "stock" / "diffusiondemo_ts_000.npz")["probabilities"] +
+               np.load(tmp_path / "diff" / "diffusiondemo_ts_000.npz")["probabilities"]) / 2
+    assert np.allclose(ensembled, average, atol=1e-3)
