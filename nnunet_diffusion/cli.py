@@ -10,6 +10,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("nnunet_diffusion.cli", "print the shell line that lets nnU-Net find the plugin's trainers"),
     "plans": ("nnunet_diffusion.cli", "write a CPU-sized inheriting configuration from a plans preset"),
     "demo": ("nnunet_diffusion.demo", "generate a dataset, train stock and recycling trainers, predict, print Dice"),
+    "evaluate": ("nnunet_diffusion.evaluation.evaluate",
+                 "Dice/HD95 of trained models per sampling step, seed and sampler; tables and plots"),
+    "ablate": ("nnunet_diffusion.evaluation.ablate",
+               "train missing trainers with nnUNetv2_train, evaluate all, ensemble each with nnUNetTrainer"),
+    "uncertainty": ("nnunet_diffusion.evaluation.uncertainty_maps",
+                    "N diffusion samples per case: mean segmentation + per-voxel uncertainty map"),
     "convert-brats": ("nnunet_diffusion.datasets.brats", "convert BraTS 2013 (DeepMedic layout) to an nnU-Net dataset"),
 }
 
