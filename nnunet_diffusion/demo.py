@@ -7,7 +7,6 @@ held-out cases with the stock `nnUNetv2_predict`, and print a Dice table. Everyt
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys

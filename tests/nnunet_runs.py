@@ -98,15 +98,37 @@ def train_in_process(dataset: Dataset, trainer_name: str, iterations: int = 2, e
     return trainer
 
 
+def _predict_command(dataset: Dataset, trainer: str, output: Path, inputs: Path | None, fold: str,
+                     extra: list[str]) -> list[str]:
+    """`nnUNetv2_predict` arguments, sequential (no worker pools) to keep tests light."""
+    return ["nnUNetv2_predict", "-i", str(inputs or dataset.test_images), "-o", str(output), "-d",
+            str(dataset.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", trainer, "-f", fold,
+            "-device", "cpu", "-npp", "0", "-nps", "0", *extra]
+
+
 def predict(dataset: Dataset, trainer: str, output: Path, inputs: Path | None = None, extra: list[str] = (),
             env: dict[str, str] | None = None, fold: str = "0", check: bool = True) -> subprocess.CompletedProcess:
-    """The stock `nnUNetv2_predict` command, sequential (no worker pools) to keep tests light."""
-    return run(["nnUNetv2_predict", "-i", str(inputs or dataset.test_images), "-o", str(output), "-d",
-                str(dataset.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", trainer, "-f", fold,
-                "-device", "cpu", "-npp", "0", "-nps", "0", *extra], env=env, check=check)
+    """The stock `nnUNetv2_predict` command in a new process."""
+    return run(_predict_command(dataset, trainer, output, inputs, fold, list(extra)), env=env, check=check)
+
+
+def predict_in_this_process(dataset: Dataset, trainer: str, output: Path, extra: list[str] = ()) -> None:
+    """The stock `nnUNetv2_predict` entry point called here, which saves a new process's start-up per model."""
+    from unittest import mock
+
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+    with mock.patch("sys.argv", _predict_command(dataset, trainer, output, None, "0", list(extra))):
+        predict_entry_point()
 
 
 def mean_dice(dataset: Dataset, predictions: Path) -> float:
     from nnunet_diffusion.evaluation.metrics import evaluate_folder
     return evaluate_folder(predictions, dataset.test_labels, [v for v in LABELS.values() if v]
                            )["foreground_mean"]["Dice"]
+
+
+def train_if_missing(dataset: Dataset, trainer: str) -> Path:
+    """A model folder with a finished fold 0, trained for a few iterations unless a previous test left one."""
+    if not (model_folder(dataset, trainer) / "fold_0" / "checkpoint_final.pth").is_file():
+        train_in_process(dataset, trainer)
+    return model_folder(dataset, trainer)

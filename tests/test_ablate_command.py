@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,16 +9,10 @@ import SimpleITK as sitk
 
 from nnunet_diffusion.evaluation import ablate
 from nnunet_diffusion.evaluation.ablate import RESUME, SKIP, TRAIN, plan_training, training_action
-from nnunet_runs import CONFIGURATION, PLANS, model_folder, train_in_process
+from nnunet_runs import CONFIGURATION, PLANS, train_if_missing
 
 DIFFUSION, STOCK = "nnUNetTrainerDiff", "nnUNetTrainer"
 
-
-def trained(dataset, trainer: str) -> Path:
-    """A model folder with a finished fold 0, trained for a few iterations unless a previous test left one."""
-    if not (model_folder(dataset, trainer) / "fold_0" / "checkpoint_final.pth").is_file():
-        train_in_process(dataset, trainer)
-    return model_folder(dataset, trainer)
 
 
 @pytest.mark.parametrize("checkpoints, action", [
@@ -51,8 +44,8 @@ def test_plan_training_resumes_with_c_and_skips_finished_folds(tmp_path):
 
 
 def test_ablate_skips_finished_models_and_adds_the_ensemble_with_the_baseline(demo_dataset, tmp_path, monkeypatch):
-    trained(demo_dataset, DIFFUSION)
-    trained(demo_dataset, STOCK)
+    train_if_missing(demo_dataset, DIFFUSION)
+    train_if_missing(demo_dataset, STOCK)
     started = []
     monkeypatch.setattr(ablate, "run_training", lambda job, env: started.append(job))
     output = tmp_path / "ablation"

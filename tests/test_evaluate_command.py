@@ -14,17 +14,11 @@ import torch
 from nnunet_diffusion.evaluation.evaluate import main
 from nnunet_diffusion.evaluation.sampling_runs import environment
 from nnunet_diffusion.trainers.segmentation import nnUNetTrainerDiff
-from nnunet_runs import model_folder, train_in_process
+from nnunet_runs import model_folder, train_if_missing
 
 DIFFUSION, STOCK = "nnUNetTrainerDiff", "nnUNetTrainer"
 SAMPLERS, SEEDS = ("ddpm", "ddim"), (0, 1)
 
-
-def trained(dataset, trainer: str) -> Path:
-    """A model folder with a finished fold 0, trained for a few iterations unless a previous test left one."""
-    if not (model_folder(dataset, trainer) / "fold_0" / "checkpoint_final.pth").is_file():
-        train_in_process(dataset, trainer)
-    return model_folder(dataset, trainer)
 
 
 def cli_args(dataset, models: list[Path], output: Path, reference: Path | None = None) -> list[str]:
@@ -35,7 +29,7 @@ def cli_args(dataset, models: list[Path], output: Path, reference: Path | None =
 @pytest.fixture(scope="module")
 def evaluation(demo_dataset, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("evaluate")
-    models = [trained(demo_dataset, DIFFUSION), trained(demo_dataset, STOCK)]
+    models = [train_if_missing(demo_dataset, DIFFUSION), train_if_missing(demo_dataset, STOCK)]
     assert main(cli_args(demo_dataset, models, output) + ["--samplers", *SAMPLERS, "--seeds", *map(str, SEEDS),
                                                           "--early-exit", "0.05"]) == 0
     return output
@@ -116,14 +110,14 @@ def copy_model(source: Path, results_root: Path, dataset_folder: str, labels: di
 
 
 def test_models_of_different_datasets_are_refused(demo_dataset, tmp_path):
-    stock = trained(demo_dataset, STOCK)
+    stock = train_if_missing(demo_dataset, STOCK)
     other = copy_model(stock, tmp_path, "Dataset991_Other")
     with pytest.raises(SystemExit, match=r"different datasets.*Dataset991_Other"):
         main(cli_args(demo_dataset, [stock, other], tmp_path / "out"))
 
 
 def test_models_with_different_labels_are_refused(demo_dataset, tmp_path):
-    stock = trained(demo_dataset, STOCK)
+    stock = train_if_missing(demo_dataset, STOCK)
     relabelled = copy_model(stock, tmp_path, demo_dataset.name, {"background": 0, "ball": 1, "cube": 2})
     with pytest.raises(SystemExit, match=r"different labels.*" + re.escape(str(relabelled / "dataset.json"))):
         main(cli_args(demo_dataset, [stock, relabelled], tmp_path / "out"))
@@ -135,7 +129,7 @@ def test_a_reference_folder_missing_a_case_is_named(demo_dataset, tmp_path):
     removed = sorted(reference.glob("*.nii.gz"))[-1]
     removed.unlink()
     with pytest.raises(SystemExit, match=re.escape(f"{reference} lacks {removed.name}")):
-        main(cli_args(demo_dataset, [trained(demo_dataset, STOCK)], tmp_path / "out", reference))
+        main(cli_args(demo_dataset, [train_if_missing(demo_dataset, STOCK)], tmp_path / "out", reference))
 
 
 def test_a_reference_in_another_geometry_is_refused(demo_dataset, tmp_path):
@@ -146,4 +140,4 @@ def test_a_reference_in_another_geometry_is_refused(demo_dataset, tmp_path):
     image.SetOrigin((5.0, 0.0, 0.0))
     sitk.WriteImage(image, str(moved))
     with pytest.raises(SystemExit, match=re.escape(f"and reference {moved} differ in geometry (origin")):
-        main(cli_args(demo_dataset, [trained(demo_dataset, STOCK)], tmp_path / "out", reference))
+        main(cli_args(demo_dataset, [train_if_missing(demo_dataset, STOCK)], tmp_path / "out", reference))

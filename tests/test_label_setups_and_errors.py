@@ -42,7 +42,7 @@ def test_regions_and_ignore_label_train_and_predict(request, dataset_fixture, tr
     trainer = train_in_process(dataset, trainer_name, iterations=2)
     expected_activation = "sigmoid" if dataset_fixture == "region_dataset" else "softmax"
     assert trainer.network.codec.activation == expected_activation
-    assert np.isfinite(trainer.logger.my_fantastic_logging["train_losses"][-1])
+    assert np.isfinite(trainer.logger.get_value("train_losses", step=-1))
     predict(dataset, trainer_name, tmp_path / "pred", extra=["--disable_tta", "--save_probabilities"])
     (prediction,) = sorted((tmp_path / "pred").glob("*.nii.gz"))
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))))) <= {0, 1, 2}

@@ -11,10 +11,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.core.masks import MaskCodec
 from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, FiLMNorm
-from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS, SamplerSettings
+from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, SamplerSettings
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
-from nnunet_diffusion.trainers.segmentation import (nnUNetTrainerDiffRecycle, nnUNetTrainerDiffRecycleNoTime,
-                                                    nnUNetTrainerDiffSelfCond)
+from nnunet_diffusion.trainers.segmentation import nnUNetTrainerDiffRecycle, nnUNetTrainerDiffSelfCond
 from nnunet_runs import run
 
 
@@ -134,3 +133,21 @@ def test_mask_activation_travels_in_the_state_dict():
     fresh = _small_network(activation="softmax")
     fresh.load_state_dict(trained.state_dict())
     assert fresh.codec.activation == "sigmoid"
+
+
+@pytest.mark.parametrize("norm", [torch.nn.InstanceNorm3d(4, affine=True), torch.nn.InstanceNorm3d(4),
+                                  torch.nn.BatchNorm3d(4)])
+def test_film_gives_norm_times_one_plus_scale_plus_shift(norm):
+    """The fused instance-norm path and the generic path compute the same FiLM."""
+    from nnunet_diffusion.core.network import TimeContext
+    torch.manual_seed(0)
+    context = TimeContext()
+    film = FiLMNorm(norm, 4, 6, context)
+    torch.nn.init.normal_(film.to_scale_shift.weight)
+    if getattr(norm, "affine", False):
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x, context.embedding = torch.randn(3, 4, 5, 6, 7), torch.randn(3, 6)
+    scale, shift = film.to_scale_shift(context.embedding).chunk(2, dim=1)
+    expected = norm(x) * (1 + scale[..., None, None, None]) + shift[..., None, None, None]
+    assert torch.allclose(film(x), expected, atol=1e-5)

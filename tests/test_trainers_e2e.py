@@ -1,4 +1,5 @@
-"""Every segmentation trainer: found by nnU-Net, trained by nnU-Net's loop, predicted by the stock nnUNetv2_predict."""
+"""Every segmentation trainer: found by nnU-Net, trained by nnU-Net's loop, predicted by the stock nnUNetv2_predict
+(its entry point, in this process; tests/test_learning_and_prediction.py runs the command itself)."""
 from __future__ import annotations
 
 import inspect
@@ -14,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_diffusion.trainers import __all__ as TRAINER_NAMES
 from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS
-from nnunet_runs import mean_dice, predict, train_in_process
+from nnunet_runs import mean_dice, predict_in_this_process, train_in_process
 
 
 def test_nnunets_own_lookup_finds_every_trainer_through_the_shim_folder(nnunet_workspace):
@@ -42,7 +43,7 @@ def test_trains_and_predicts_with_stock_nnunetv2_predict(demo_dataset, trainer_n
     trainer = train_in_process(demo_dataset, trainer_name)
     checkpoint = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", weights_only=False)
     assert checkpoint["trainer_name"] == trainer_name
-    predict(demo_dataset, trainer_name, tmp_path / "pred", extra=["--disable_tta"])
+    predict_in_this_process(demo_dataset, trainer_name, tmp_path / "pred", extra=["--disable_tta"])
     for image in sorted(demo_dataset.test_images.glob("*.nii.gz")):
         prediction = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))
         assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()

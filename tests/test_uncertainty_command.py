@@ -10,16 +10,10 @@ import SimpleITK as sitk
 
 from nnunet_diffusion.datasets.synthetic import LABELS
 from nnunet_diffusion.evaluation.uncertainty_maps import main
-from nnunet_runs import model_folder, train_in_process
+from nnunet_runs import train_if_missing
 
 DIFFUSION = "nnUNetTrainerDiff"
 
-
-def trained(dataset, trainer: str) -> Path:
-    """A model folder with a finished fold 0, trained for a few iterations unless a previous test left one."""
-    if not (model_folder(dataset, trainer) / "fold_0" / "checkpoint_final.pth").is_file():
-        train_in_process(dataset, trainer)
-    return model_folder(dataset, trainer)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def moved_images(demo_dataset, tmp_path_factory) -> Path:
 
 
 def run(dataset, images: Path, output: Path, measure: str, *extra: str) -> list[Path]:
-    assert main(["-m", str(trained(dataset, DIFFUSION)), "-i", str(images), "-o", str(output), "--seeds", "0", "1",
+    assert main(["-m", str(train_if_missing(dataset, DIFFUSION)), "-i", str(images), "-o", str(output), "--seeds", "0", "1",
                  "--measure", measure, "-device", "cpu", "--disable-tta", *extra]) == 0
     return sorted(images.glob("*_0000.nii.gz"))
 
@@ -76,5 +70,5 @@ def test_entropy_map_lies_between_zero_and_log_of_the_class_count(demo_dataset, 
 
 def test_a_stock_model_is_refused(demo_dataset, tmp_path):
     with pytest.raises(SystemExit, match="not a diffusion trainer"):
-        main(["-m", str(trained(demo_dataset, "nnUNetTrainer")), "-i", str(demo_dataset.test_images),
+        main(["-m", str(train_if_missing(demo_dataset, "nnUNetTrainer")), "-i", str(demo_dataset.test_images),
               "-o", str(tmp_path), "--seeds", "0", "1", "-device", "cpu"])

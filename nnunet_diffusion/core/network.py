@@ -55,9 +55,29 @@ class FiLMNorm(nn.Module):
         if embedding is None:
             raise RuntimeError("time-conditioned layer called without a timestep; call the wrapper network, "
                                "not its inner UNet")
-        scale, shift = self.to_scale_shift(embedding).to(x.dtype).chunk(2, dim=1)
+        scale, shift = self.to_scale_shift(embedding).chunk(2, dim=1)
+        if _is_plain_instance_norm(self.norm):
+            return self._fused_instance_norm(x, 1 + scale, shift)
         shape = (x.shape[0], -1) + (1,) * (x.ndim - 2)
-        return self.norm(x) * (1 + scale.reshape(shape)) + shift.reshape(shape)
+        return self.norm(x) * (1 + scale.reshape(shape)).to(x.dtype) + shift.reshape(shape).to(x.dtype)
+
+    def _fused_instance_norm(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Instance norm whose per-sample affine already holds the FiLM scale/shift: one op, no extra activation
+        kept for backward (the plain product costs ~30% more training memory)."""
+        norm = self.norm
+        channels = x.shape[1]
+        weight = norm.weight if norm.affine else torch.ones(channels, device=x.device)
+        bias = norm.bias if norm.affine else torch.zeros(channels, device=x.device)
+        sample_weight = (weight[None] * scale).reshape(-1)
+        sample_bias = (bias[None] * scale + shift).reshape(-1)
+        merged = x.reshape(1, x.shape[0] * channels, *x.shape[2:])
+        return nn.functional.instance_norm(merged, weight=sample_weight, bias=sample_bias,
+                                           eps=norm.eps).reshape(x.shape)
+
+
+def _is_plain_instance_norm(norm: nn.Module) -> bool:
+    """InstanceNorm without running statistics normalises every (sample, channel) on its own."""
+    return isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
 
 
 def _norm_channels(module: nn.Module) -> int | None:
@@ -102,6 +122,7 @@ class DiffusionSegmentationNetwork(nn.Module):
                                                 nn.Linear(embedding_dim, embedding_dim))
             self.embedding_dim = embedding_dim
         self.unet = unet
+        self.set_deep_supervision_enabled(unet.decoder.deep_supervision)
         # Part of the state dict so that the predictor, which never sees dataset.json, decodes masks correctly.
         self.register_buffer("uses_sigmoid", torch.tensor(codec.activation == "sigmoid"))
 
@@ -124,7 +145,11 @@ class DiffusionSegmentationNetwork(nn.Module):
                                self.codec.ignore_label)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """Without deep supervision only the last segmentation head is used: the lower-resolution heads are frozen,
+        as DDP (nnU-Net wraps with find_unused_parameters=False) would otherwise wait for their gradients."""
         self.unet.decoder.deep_supervision = enabled
+        for head in self.unet.decoder.seg_layers[:-1]:
+            head.requires_grad_(enabled)
 
     def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                 self_condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,6 +173,9 @@ class DiffusionSegmentationNetwork(nn.Module):
             return self.denoise(image, x_t, t, self_condition)
         if self.training:
             raise RuntimeError("in training mode the network needs (image, x_t, t); sampling runs in eval mode")
+        if not torch.isfinite(image).all():
+            raise ValueError("the image holds NaN or inf voxels after nnU-Net's preprocessing, so every sampled "
+                             "probability would be NaN; replace them in the input image (e.g. numpy.nan_to_num)")
         return self.sample(image, SamplerSettings.from_environment(self.num_timesteps))
 
     def sample(self, image: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:

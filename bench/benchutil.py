@@ -1,0 +1,190 @@
+"""Shared set-up of the benchmarks: the nnU-Net workspace, the device, timing and the environment header.
+
+The benchmarks go through nnU-Net's own machinery (plans, trainer lookup, dataloaders), so they need the usual
+nnU-Net folders. By default they generate the plugin's synthetic dataset in a temporary workspace that is deleted
+afterwards; with --dataset they read an existing preprocessed dataset. Either way nnUNet_results points at a
+temporary folder, because constructing a trainer writes log files there.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_diffusion.environment import EXT_TRAINER_VARIABLE, ext_trainer_value
+from nnunet_diffusion.plans import available_presets, load_preset, write_preset_plans
+
+SYNTHETIC_ID = 990
+SYNTHETIC_NAME = "DiffusionDemo"
+DEFAULT_PRESET = "cpu_tiny"
+NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA",
+                    EXT_TRAINER_VARIABLE)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Which preprocessed dataset, plans and configuration a benchmark runs on."""
+    dataset: str  # DatasetXXX_Name, as nnU-Net's lookups accept it
+    plans: str
+    configuration: str
+    preprocessed: Path  # $nnUNet_preprocessed/<dataset>
+    generated: bool
+
+    def plans_manager(self) -> PlansManager:
+        return PlansManager(str(self.preprocessed / f"{self.plans}.json"))
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every benchmark script (run_all passes them through)."""
+    parser.add_argument("--dataset", help="id or name of a dataset already preprocessed under $nnUNet_preprocessed "
+                        "(default: generate the synthetic dataset in a temporary workspace)")
+    parser.add_argument("--preset", choices=available_presets(),
+                        help=f"derive this plans preset (written next to the dataset's nnUNetPlans.json) and use "
+                        f"its plans and configuration (default for the generated dataset: {DEFAULT_PRESET})")
+    parser.add_argument("--plans", help="plans identifier (default: the preset's, else nnUNetPlans)")
+    parser.add_argument("--configuration", help="configuration (default: the preset's, else 3d_fullres)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: nnU-Net's choice, all cores on "
+                        "CPU and 1 on CUDA)")
+
+
+def configure_device(args: argparse.Namespace) -> torch.device:
+    """The device, with the thread count and cuDNN settings nnUNetv2_train would use on it."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device")
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+        torch.set_num_interop_threads(1)
+    torch.set_num_threads(args.threads or (multiprocessing.cpu_count() if device.type == "cpu" else 1))
+    return device
+
+
+@contextlib.contextmanager
+def workspace(args: argparse.Namespace) -> Iterator[Workspace]:
+    """Set nnU-Net's environment for this process and yield the workspace; temporary folders are removed after."""
+    saved = {name: os.environ.get(name) for name in NNUNET_VARIABLES}
+    try:
+        with tempfile.TemporaryDirectory(prefix="nnunet_diffusion_bench_") as scratch:
+            scratch = Path(scratch)
+            os.environ[EXT_TRAINER_VARIABLE] = ext_trainer_value()  # nnU-Net's lookup finds the plugin's trainers
+            os.environ["nnUNet_results"] = str(scratch / "nnUNet_results")
+            space = _generated_workspace(scratch, args) if args.dataset is None else _existing_workspace(args)
+            # Set after planning, whose VRAM estimate calls torch.set_num_threads with this value.
+            os.environ["nnUNet_n_proc_DA"] = "0"  # batches come from the main process: no augmentation workers
+            yield space
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _generated_workspace(scratch: Path, args: argparse.Namespace) -> Workspace:
+    from nnunet_diffusion.datasets.synthetic import generate_synthetic_dataset
+    for name in ("nnUNet_raw", "nnUNet_preprocessed"):
+        os.environ[name] = str(scratch / name)
+    raw = generate_synthetic_dataset(scratch / "nnUNet_raw", SYNTHETIC_ID, SYNTHETIC_NAME, num_train=8, num_test=0,
+                                     shape=(32, 32, 32), seed=0)
+    processes = str(min(4, multiprocessing.cpu_count()))
+    command = ["nnUNetv2_plan_and_preprocess", "-d", str(SYNTHETIC_ID), "-c", "3d_fullres", "-np", processes,
+               "-npfp", processes]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    preprocessed = scratch / "nnUNet_preprocessed" / raw.name
+    return _with_plans(raw.name, preprocessed, args.preset or DEFAULT_PRESET, args, generated=True)
+
+
+def _existing_workspace(args: argparse.Namespace) -> Workspace:
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    name = maybe_convert_to_dataset_name(args.dataset)
+    return _with_plans(name, Path(nnUNet_preprocessed) / name, args.preset, args, generated=False)
+
+
+def _with_plans(dataset: str, preprocessed: Path, preset: str | None, args: argparse.Namespace,
+                generated: bool) -> Workspace:
+    plans, configuration = "nnUNetPlans", "3d_fullres"
+    if preset is not None:
+        write_preset_plans(preprocessed, preset)
+        values = load_preset(preset)
+        plans, configuration = values["plans_name"], values["configuration"]
+    return Workspace(dataset, args.plans or plans, args.configuration or configuration, preprocessed, generated)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence nnU-Net's console prints (citation banner, plans) so that the report stays readable."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call in seconds, waiting for queued GPU work before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment_lines(device: torch.device, workspace: Workspace) -> list[str]:
+    """Markdown bullet lines naming what the ratios were measured on."""
+    configuration = workspace.plans_manager().get_configuration(workspace.configuration)
+    kwargs = configuration.network_arch_init_kwargs
+    versions = f"torch {torch.__version__}"
+    if device.type == "cuda":
+        versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, AMP (as nnU-Net)"
+    return [f"- device: {device.type} ({device_name(device)}), {versions}",
+            f"- torch threads: {torch.get_num_threads()} (of {multiprocessing.cpu_count()} logical CPUs)",
+            f"- dataset: {workspace.dataset}{' (generated)' if workspace.generated else ''}, plans "
+            f"{workspace.plans}, configuration {workspace.configuration}",
+            f"- plan: patch size {list(configuration.patch_size)}, batch size {configuration.batch_size}, "
+            f"features per stage {list(kwargs['features_per_stage'])}, "
+            f"{configuration.network_arch_class_name.rsplit('.', 1)[-1]}"]
+
+
+TABLE_HEADER = ["benchmark", "compared", "ratio", "target", "met", "measured"]
+
+
+def result_row(benchmark: str, compared: str, ratio: str, measured: str, target: float | None = None,
+               value: float | None = None) -> list[str]:
+    """One row of the shared table; a target is always a ratio, never an absolute time."""
+    if target is None:
+        return [benchmark, compared, ratio, "", "", measured]
+    return [benchmark, compared, ratio, f"<= {target:.2f}", "yes" if value <= target else "no", measured]
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join("---" for _ in TABLE_HEADER) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
