@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "train missing trainers with nnUNetv2_train, evaluate all, ensemble each with nnUNetTrainer"),
     "uncertainty": ("nnunet_diffusion.evaluation.uncertainty_maps",
                     "N diffusion samples per case: mean segmentation + per-voxel uncertainty map"),
+    "phantom": ("nnunet_diffusion.datasets.phantom", "write a CT-like torso phantom dataset with organ labels"),
+    "images-to-dataset": ("nnunet_diffusion.datasets.unlabeled",
+                          "turn a folder of unlabeled images into an nnU-Net dataset for pretraining"),
     "convert-brats": ("nnunet_diffusion.datasets.brats", "convert BraTS 2013 (DeepMedic layout) to an nnU-Net dataset"),
 }
 

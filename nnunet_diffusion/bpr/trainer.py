@@ -1,0 +1,297 @@
+"""nnUNetTrainerBPR: trains the 3-axis BPR inside nnU-Net on its preprocessed data, patches and data loaders.
+
+Run it like any trainer: `nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerBPR` (with nnUNet_extTrainer
+pointing at a folder that re-exports this module). Labels are ignored; nnU-Net's padding marker (-1 in the
+target) tells which slices of a patch are real image. What differs from segmentation training:
+
+- no rotation, scaling or mirroring: they would scramble the anatomical order the BPR learns (intensity
+  augmentation is kept). Patches are random crops of patch size; no foreground oversampling;
+- the network is the BPR (intensity_normalization="none": nnU-Net has normalised the data already), Adam with
+  nnU-Net's poly learning-rate schedule, no deep supervision, no torch.compile (the slice shapes change with the
+  axis, so compiled graphs would be rebuilt all the time);
+- each epoch logs only nnU-Net's logger keys: train_losses and val_losses are BPR losses, mean_fg_dice is the
+  mean validation Spearman (ordering quality, so checkpoint_best tracks it) and dice_per_class_or_region the
+  per-axis Spearman (axial, coronal, sagittal) on validation patches;
+- the final validation scores whole validation cases (ordering_spearman) and writes bpr_validation.json into
+  the fold folder instead of segmenting.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Union
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from batchgeneratorsv2.helpers.scalar_type import RandomScalar
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+
+from nnunet_diffusion.bpr.model import (AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel,
+                                        load_bpr_from_nnunet_checkpoint)
+from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, ordering_spearman, sample_equidistant_slices
+
+__all__ = ["nnUNetTrainerBPR", "nnUNetTrainerBPR_smoke", "load_bpr_from_nnunet_checkpoint"]
+
+
+def _valid_box(target: torch.Tensor) -> tuple[slice, slice, slice]:
+    """Bounding box of the real image in a patch: nnU-Net pads the target with -1 where the patch leaves the image."""
+    real = target != -1
+    box = []
+    for axis in range(3):
+        along = real.movedim(axis, 0).flatten(1).any(1).nonzero().flatten()
+        box.append(slice(int(along[0]), int(along[-1]) + 1))
+    return tuple(box)
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean of the defined values; NaN (without numpy's warning) if there are none."""
+    defined = [v for v in values if not np.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
+def _nan_to_none(value: float) -> float | None:
+    """JSON has no NaN: an undefined correlation is written as null."""
+    return None if np.isnan(value) else float(value)
+
+
+class nnUNetTrainerBPR(nnUNetTrainer):
+    """Self-supervised 3-axis Body Part Regressor trained on nnU-Net patches (see the module docstring).
+
+    Settings are class attributes (nnU-Net rebuilds trainers from their __init__ signature, so no new
+    __init__ parameters): subclass to change them, as nnUNetTrainerBPR_smoke does.
+    """
+    bpr_num_epochs: int = 100
+    bpr_iterations_per_epoch: int = 250
+    bpr_val_iterations_per_epoch: int = 20
+    bpr_initial_lr: float = 1e-3
+    bpr_num_slices: int = 4
+    bpr_stacks_per_patch: int = 4
+    # The pretraining networks embed a BPR of the default architecture, so keep it unless you know otherwise.
+    bpr_features_per_stage: tuple[int, ...] = DEFAULT_FEATURES_PER_STAGE
+    bpr_loss_weights: BPRLossWeights = BPRLossWeights()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.oversample_foreground_percent = 0.0
+        self.initial_lr = self.bpr_initial_lr
+        self.weight_decay = 0.0
+        self.num_epochs = self.bpr_num_epochs
+        self.num_iterations_per_epoch = self.bpr_iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.bpr_val_iterations_per_epoch
+        self.slice_rng = np.random.default_rng()
+        self.training_step_count = 0
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """The BPR for this configuration's patches; it reads the first image channel only."""
+        patch_size = tuple(configuration_manager.patch_size)
+        if len(patch_size) != 3:
+            raise ValueError(f"nnUNetTrainerBPR needs a 3D configuration (e.g. 3d_fullres); this one has patch size "
+                             f"{patch_size}")
+        return BPRModel(BPRConfig(patch_size=patch_size, intensity_normalization="none",
+                                  features_per_stage=cls.bpr_features_per_stage,
+                                  spacing=tuple(configuration_manager.spacing),
+                                  plans_identifier=plans_manager.plans_name,
+                                  data_identifier=configuration_manager.data_identifier))
+
+    def initialize(self) -> None:
+        """Also records the configuration name in the BPR's config (build_network_architecture cannot know it)."""
+        super().initialize()
+        model = self.bpr_model()
+        model.config = dataclasses.replace(model.config, configuration=self.configuration_name)
+
+    def bpr_model(self) -> BPRModel:
+        """The BPR itself, without DDP wrapper."""
+        network = self.network.module if self.is_ddp else self.network
+        return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+    def _do_i_compile(self) -> bool:
+        """Never: slice shapes change with the axis, so a compiled BPR would be recompiled over and over."""
+        return False
+
+    def _build_loss(self):
+        return partial(bpr_loss, mm_per_unit=self.bpr_model().config.mm_per_unit, weights=self.bpr_loss_weights)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """The BPR has no decoder and no deep supervision."""
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """No rotation and no mirroring; the loader crops patch-size patches directly."""
+        patch_size = tuple(self.configuration_manager.patch_size)
+        self.inference_allowed_mirroring_axes = None
+        self.print_to_log_file("BPR training: no rotation, scaling or mirroring (they would scramble the "
+                               "anatomical order)")
+        return (0.0, 0.0), False, patch_size, None
+
+    @staticmethod
+    def get_training_transforms(
+            patch_size: Union[np.ndarray, tuple[int]],
+            rotation_for_DA: RandomScalar,
+            deep_supervision_scales: Union[list, tuple, None],
+            mirror_axes: tuple[int, ...],
+            do_dummy_2d_data_aug: bool,
+            use_mask_for_norm: list[bool] = None,
+            is_cascaded: bool = False,
+            foreground_labels: Union[tuple[int, ...], list[int]] = None,
+            regions: list[Union[list[int], tuple[int, ...], int]] = None,
+            ignore_label: int = None,
+    ) -> BasicTransform:
+        """nnU-Net's intensity augmentations only. The -1 padding marker in the target is kept on purpose."""
+        return ComposeTransforms([
+            RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1,
+                                                   synchronize_channels=True), apply_probability=0.1),
+            RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.0), synchronize_channels=False,
+                                                  synchronize_axes=False, p_per_channel=0.5, benchmark=True),
+                            apply_probability=0.2),
+            RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast((0.75, 1.25)),
+                                                              synchronize_channels=False, p_per_channel=1),
+                            apply_probability=0.15),
+            RandomTransform(ContrastTransform(contrast_range=BGContrast((0.75, 1.25)), preserve_range=True,
+                                              synchronize_channels=False, p_per_channel=1), apply_probability=0.15),
+            RandomTransform(SimulateLowResolutionTransform(scale=(0.5, 1), synchronize_channels=False,
+                                                           synchronize_axes=True, ignore_axes=None,
+                                                           allowed_channels=None, p_per_channel=0.5),
+                            apply_probability=0.25),
+            RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
+                                           p_per_channel=1, p_retain_stats=1), apply_probability=0.3),
+        ])
+
+    @staticmethod
+    def get_validation_transforms(
+            deep_supervision_scales: Union[list, tuple, None],
+            is_cascaded: bool = False,
+            foreground_labels: Union[tuple[int, ...], list[int]] = None,
+            regions: list[Union[list[int], tuple[int, ...], int]] = None,
+            ignore_label: int = None,
+    ) -> BasicTransform:
+        """Nothing: validation patches keep the -1 padding marker as well."""
+        return ComposeTransforms([])
+
+    def _sample_stacks(self, batch: dict, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """bpr_stacks_per_patch equidistant slice stacks per patch: (slices, step_mm).
+
+        Slices are whole patch cross-sections (one shape for the batch), taken only where the patch covers real
+        image along the axis.
+        """
+        stacks, steps_mm = [], []
+        spacing = float(self.configuration_manager.spacing[axis])
+        for volume, target in zip(batch["data"][:, 0], batch["target"][:, 0]):
+            box = _valid_box(target)
+            window = tuple(s for d, s in enumerate(volume.shape) if d != axis)
+            reference_std = float(volume[box].std())
+            for _ in range(self.bpr_stacks_per_patch):
+                slices, gap = sample_equidistant_slices(volume, axis, self.bpr_num_slices, window, self.slice_rng,
+                                                        valid_range=(box[axis].start, box[axis].stop - 1),
+                                                        reference_std=reference_std)
+                stacks.append(slices)
+                steps_mm.append(gap * spacing)
+        return torch.cat(stacks).to(self.device, non_blocking=True), torch.tensor(steps_mm, device=self.device)
+
+    def _stack_scores(self, stacks: torch.Tensor, axis: int) -> torch.Tensor:
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            scores = self.network(stacks, axis)
+        return scores.float().reshape(-1, self.bpr_num_slices)
+
+    def train_step(self, batch: dict) -> dict:
+        """One axis per step (cycling), so every slice in the forward pass has the same shape."""
+        axis = self.training_step_count % 3
+        self.training_step_count += 1
+        stacks, steps_mm = self._sample_stacks(batch, axis)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _ = self.loss(self._stack_scores(stacks, axis), steps_mm)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        """BPR loss over all three axes, and per-axis Spearman of every patch's slices."""
+        losses = []
+        for axis in range(3):
+            stacks, steps_mm = self._sample_stacks(batch, axis)
+            losses.append(float(self.loss(self._stack_scores(stacks, axis), steps_mm)[0]))
+        model, spacing = self.bpr_model(), self.configuration_manager.spacing
+        spearman = np.array([[ordering_spearman(model, volume[_valid_box(target)], spacing)[name]
+                              for name in AXIS_NAMES]
+                             for volume, target in zip(batch["data"][:, 0], batch["target"][:, 0])])
+        return {"loss": np.mean(losses), "spearman": spearman}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        outputs = collate_outputs(val_outputs)
+        spearman = outputs["spearman"].reshape(-1, 3)
+        loss = np.mean(outputs["loss"])
+        if self.is_ddp:
+            gathered_spearman, gathered_losses = [None] * dist.get_world_size(), [None] * dist.get_world_size()
+            dist.all_gather_object(gathered_spearman, spearman)
+            dist.all_gather_object(gathered_losses, outputs["loss"])
+            spearman, loss = np.vstack(gathered_spearman), np.mean(np.concatenate(gathered_losses))
+        # An axis without any defined correlation (constant scores) counts as no ordering at all.
+        per_axis = np.nan_to_num([_nanmean(list(column)) for column in spearman.T], nan=0.0)
+        self.logger.log("mean_fg_dice", float(per_axis.mean()), self.current_epoch)
+        self.logger.log("dice_per_class_or_region", per_axis.tolist(), self.current_epoch)
+        self.logger.log("val_losses", loss, self.current_epoch)
+        self.print_to_log_file("validation Spearman (axial, coronal, sagittal):", np.round(per_axis, 4).tolist())
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """Per-axis Spearman of every validation case, written to bpr_validation.json (no segmentation)."""
+        if self.local_rank != 0:
+            return
+        model = self.bpr_model().eval()
+        _, val_keys = self.do_split()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
+                                     folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        per_case = {}
+        for key in val_keys:
+            data, _, _, _ = dataset.load_case(key)
+            per_case[key] = ordering_spearman(model, np.asarray(data[0]), self.configuration_manager.spacing)
+        mean_per_axis = {name: _nanmean([case[name] for case in per_case.values()]) for name in AXIS_NAMES}
+        summary = {
+            "metric": "Spearman correlation between BPR slice scores and slice position per array axis "
+                      "(nnunet_diffusion.bpr.training.ordering_spearman); null = undefined",
+            "mean": _nan_to_none(_nanmean(list(mean_per_axis.values()))),
+            "mean_per_axis": {name: _nan_to_none(value) for name, value in mean_per_axis.items()},
+            "per_case": {key: {name: _nan_to_none(value) for name, value in case.items()}
+                         for key, case in per_case.items()},
+            "bpr_config": model.config.to_dict(),
+        }
+        save_json(summary, join(self.output_folder, "bpr_validation.json"), sort_keys=False)
+        self.print_to_log_file("BPR validation (Spearman per axis):", summary["mean_per_axis"])
+
+
+class nnUNetTrainerBPR_smoke(nnUNetTrainerBPR):
+    """2 short epochs with a small BPR: checks the nnU-Net integration end to end, not a useful BPR."""
+    bpr_num_epochs = 2
+    bpr_iterations_per_epoch = 6
+    bpr_val_iterations_per_epoch = 2
