@@ -44,3 +44,21 @@ def cli_trained_recycle(demo_dataset):
     run(["nnUNetv2_train", str(demo_dataset.dataset_id), CONFIGURATION, "0", "-p", PLANS, "-tr", trainer,
          "-device", "cpu"])
     return model_folder(demo_dataset, trainer)
+
+
+@pytest.fixture(scope="session")
+def preprocessed_plans(demo_dataset):
+    """PlansManager and ConfigurationManager of the demo dataset's CPU configuration."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_runs import CONFIGURATION, PLANS
+    plans_manager = PlansManager(os.path.join(os.environ["nnUNet_preprocessed"], demo_dataset.name, f"{PLANS}.json"))
+    return plans_manager, plans_manager.get_configuration(CONFIGURATION)
+
+
+@pytest.fixture(scope="session")
+def bpr_checkpoint(demo_dataset):
+    """A BPR for the demo dataset's plans: nnUNetTrainerBPR trained for one iteration by nnU-Net's loop."""
+    from pathlib import Path
+    from nnunet_runs import train_in_process
+    trainer = train_in_process(demo_dataset, "nnUNetTrainerBPR", iterations=1)
+    return Path(trainer.output_folder) / "checkpoint_final.pth"

@@ -28,7 +28,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunet_diffusion.core.network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.evaluation.metrics import geometry_mismatch
-from nnunet_diffusion.trainers.common import unwrap
+from nnunet_diffusion.trainer_support import unwrap
 
 MAX_LISTED = 5  # names listed in an error before "and N more"
 

@@ -5,13 +5,13 @@ prediction; the trainer only swaps in the time-conditioned denoiser and a `train
 strategy for the inputs of the trained pass. Deep supervision is off: sampling uses only the full-resolution
 x0 logits and the reference method has none (see docs/trainers.md).
 """
-from __future__ import annotations
 
 import torch
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
-from torch import autocast
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
 
 from nnunet_diffusion.core.losses import DiceFocalLoss
 from nnunet_diffusion.core.masks import MaskCodec
@@ -20,7 +20,7 @@ from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.strategies import (PlainDiffusion, Recycling, RecyclingNext, SelfConditioning,
                                               SelfConditioningNext, TrainingStrategy)
-from nnunet_diffusion.trainers.common import backward_and_step, ensure_checkpoint_fits, unwrap
+from nnunet_diffusion.trainer_support import backward_and_step, ensure_checkpoint_fits, unwrap
 
 
 class nnUNetTrainerDiff(nnUNetTrainer):
@@ -49,8 +49,9 @@ class nnUNetTrainerDiff(nnUNetTrainer):
                                                                                    self.num_timesteps)), self.codec)
 
     @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True):
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
         mask_channels = num_output_channels * (2 if cls.strategy_class.needs_self_condition_channels else 1)
         unet = build_unet_from_plans(plans_manager, configuration_manager, num_input_channels + mask_channels,
                                      num_output_channels, enable_deep_supervision)

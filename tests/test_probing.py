@@ -1,0 +1,161 @@
+"""Probes and fine-tuning on pretraining checkpoints, loaded the way `nnUNetv2_train -pretrained_weights` does."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
+from nnunet_diffusion.pretraining.heads import LinearProbeHead, NonLinearProbeHead, upsample
+from nnunet_diffusion.pretraining.trainers import (PRETRAINING_TRAINERS, PROBE_TRAINERS, nnUNetTrainerDiffPretrain,
+                                                   nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinearBPR,
+                                                   nnUNetTrainerRestorePretrain)
+from nnunet_diffusion.trainer_support import unwrap
+from nnunet_runs import CONFIGURATION, PLANS, model_folder, predict, train_in_process
+
+TRAINERS_BY_NAME = {cls.__name__: cls for cls in PRETRAINING_TRAINERS}
+BPR_PROBES = ["nnUNetTrainerProbeNonLinearBPR", "nnUNetTrainerProbeLinearBPR", "nnUNetTrainerFinetuneBPR"]
+
+
+@pytest.fixture(scope="module")
+def bpr_pretraining_checkpoint(demo_dataset, bpr_checkpoint) -> Path:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(BPR_CHECKPOINT_VARIABLE, str(bpr_checkpoint))
+        trainer = train_in_process(demo_dataset, "nnUNetTrainerDiffPretrainBPR", iterations=1)
+    return Path(trainer.output_folder) / "checkpoint_final.pth"
+
+
+def train_with_pretrained_weights(dataset, trainer_name: str, pretrained: Path | None, iterations: int = 2):
+    """nnUNetv2_train's own sequence (get_trainer_from_args, maybe_load_checkpoint, run_training), shortened.
+    Returns the trainer and its network's state dict right after the pretrained weights were loaded."""
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+    shutil.rmtree(model_folder(dataset, trainer_name) / "fold_0", ignore_errors=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("nnUNet_n_proc_DA", "0")
+        trainer = get_trainer_from_args(str(dataset.dataset_id), CONFIGURATION, 0, trainer_name, PLANS,
+                                        device=torch.device("cpu"))
+        trainer.num_iterations_per_epoch = iterations
+        trainer.num_val_iterations_per_epoch = 1
+        trainer.num_epochs = 1
+        maybe_load_checkpoint(trainer, False, False, None if pretrained is None else str(pretrained))
+        loaded = {k: v.clone() for k, v in unwrap(trainer.network).state_dict().items()} \
+            if trainer.was_initialized else None
+        trainer.run_training()
+    return trainer, loaded
+
+
+def fabricated_checkpoint(trainer_class, plans, path: Path, num_input_channels: int = 1) -> Path:
+    """A checkpoint file in nnU-Net's format holding a freshly built network of `trainer_class`."""
+    network = trainer_class.build_network_architecture(*plans, num_input_channels, num_input_channels, False)
+    torch.save({"network_weights": network.state_dict(), "trainer_name": trainer_class.__name__}, path)
+    return path
+
+
+# --- heads and key layout -------------------------------------------------------------------------------------------
+
+def test_linear_head_is_a_1x1_convolution_of_the_upsampled_concatenated_levels():
+    torch.manual_seed(0)
+    levels = [torch.randn(2, 6, 4, 4, 4), torch.randn(2, 3, 8, 8, 8), torch.randn(2, 2, 16, 16, 16)]
+    head = LinearProbeHead([6, 3, 2], num_classes=4, ndim=3)
+    convs = head.seg_layers.level_convs
+    weight = torch.cat([conv.weight for conv in convs], dim=1)
+    concatenated = torch.cat([upsample(level, (16, 16, 16)) for level in levels], dim=1)
+    expected = torch.nn.functional.conv3d(concatenated, weight, convs[0].bias)
+    assert torch.allclose(head(levels, (16, 16, 16)), expected, atol=1e-5)
+
+
+def test_nonlinear_head_is_pointwise_and_not_linear():
+    torch.manual_seed(0)
+    head = NonLinearProbeHead([4, 2], num_classes=3, ndim=3, hidden_channels=(8, 5))
+    levels = [torch.randn(1, 4, 8, 8, 8), torch.randn(1, 2, 8, 8, 8)]
+    out = head(levels, (8, 8, 8))
+    assert out.shape == (1, 3, 8, 8, 8)
+    shifted = head([torch.roll(level, 3, dims=2) for level in levels], (8, 8, 8))
+    assert torch.allclose(shifted, torch.roll(out, 3, dims=2), atol=1e-6)  # no spatial context
+    doubled = head([2 * level for level in levels], (8, 8, 8))
+    bias_only = head([0 * level for level in levels], (8, 8, 8))
+    assert not torch.allclose(doubled - bias_only, 2 * (out - bias_only), atol=1e-4)
+
+
+@pytest.mark.parametrize("probe_class", PROBE_TRAINERS, ids=lambda c: c.__name__)
+def test_probe_backbone_keys_are_those_of_its_pretraining_network_and_only_the_head_is_new(probe_class,
+                                                                                        preprocessed_plans):
+    pretraining_class = TRAINERS_BY_NAME[probe_class.backbone.pretraining_trainer]
+    pretrained = pretraining_class.build_network_architecture(*preprocessed_plans, 1, 1, False).state_dict()
+    probe = probe_class.build_network_architecture(*preprocessed_plans, 1, 3, False)
+    for key, value in probe.state_dict().items():
+        if ".seg_layers." in key:
+            continue
+        assert key in pretrained and pretrained[key].shape == value.shape, key
+    trainable = {name for name, p in probe.named_parameters() if p.requires_grad}
+    assert all(".seg_layers." in name for name, _ in probe.head.named_parameters(prefix="head"))
+    assert not any(name.startswith("bpr.") for name in trainable)
+    if probe_class.freeze_backbone:
+        assert trainable == {name for name, _ in probe.head.named_parameters(prefix="head")}
+        probe.train()
+        assert probe.head.training and not probe.unet.training
+    else:
+        assert any(name.startswith("unet.encoder.") for name in trainable)
+
+
+# --- bad inputs -------------------------------------------------------------------------------------------------------
+
+def test_a_checkpoint_of_another_pretraining_is_refused_naming_the_key(preprocessed_plans, tmp_path):
+    restorative = fabricated_checkpoint(nnUNetTrainerRestorePretrain, preprocessed_plans, tmp_path / "r.pth")
+    probe = nnUNetTrainerProbeNonLinearBPR.build_network_architecture(*preprocessed_plans, 1, 3, False)
+    with pytest.raises(AssertionError, match=r"[Kk]ey (unet|bpr|time_embedding|num_timesteps)\S*"):
+        load_pretrained_weights(probe, str(restorative))
+
+
+def test_a_probe_on_a_dataset_with_other_input_channels_is_refused_naming_the_first_convolution(
+        preprocessed_plans, tmp_path):
+    one_channel = fabricated_checkpoint(nnUNetTrainerDiffPretrain, preprocessed_plans, tmp_path / "d.pth")
+    probe = nnUNetTrainerProbeLinear.build_network_architecture(*preprocessed_plans, 2, 3, False)
+    with pytest.raises(AssertionError, match="unet.encoder.stages.0.0.convs.0.conv.weight"):
+        load_pretrained_weights(probe, str(one_channel))
+    with pytest.raises(ValueError, match="single image channel"):
+        nnUNetTrainerProbeNonLinearBPR.build_network_architecture(*preprocessed_plans, 2, 3, False)
+
+
+def test_a_probe_without_pretrained_weights_stops_before_training(demo_dataset):
+    with pytest.raises(RuntimeError, match="-pretrained_weights .*nnUNetTrainerDiffPretrainBPR"):
+        train_with_pretrained_weights(demo_dataset, "nnUNetTrainerProbeNonLinearBPR", None)
+
+
+# --- pretraining checkpoint → probe / fine-tuning → stock prediction -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def probed(demo_dataset, bpr_pretraining_checkpoint):
+    return {name: train_with_pretrained_weights(demo_dataset, name, bpr_pretraining_checkpoint)
+            for name in BPR_PROBES}
+
+
+@pytest.mark.parametrize("trainer_name", BPR_PROBES)
+def test_probing_trains_the_head_only_and_fine_tuning_everything_but_the_bpr(probed, bpr_pretraining_checkpoint,
+                                                                            trainer_name):
+    trainer, loaded = probed[trainer_name]
+    pretrained = torch.load(bpr_pretraining_checkpoint, weights_only=False)["network_weights"]
+    final = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", weights_only=False)["network_weights"]
+    backbone = [k for k in final if ".seg_layers." not in k]
+    head = [k for k in final if k.startswith("head.")]
+    assert all(torch.equal(loaded[k], pretrained[k]) for k in backbone)  # -pretrained_weights filled the backbone
+    assert all(torch.equal(final[k], pretrained[k]) for k in backbone if k.startswith("bpr."))
+    assert any(not torch.equal(final[k], loaded[k]) for k in head)
+    weights_changed = [not torch.equal(final[k], pretrained[k]) for k in backbone if k.startswith("unet.")]
+    assert any(weights_changed) != trainer.freeze_backbone  # frozen backbones are bit-identical
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in trainer.network.parameters() if p.requires_grad}
+    assert trainer.logger.get_value("lrs", step=0) == trainer.learning_rate
+
+
+def test_the_probe_predicts_with_stock_nnunetv2_predict(demo_dataset, probed, tmp_path):
+    predict(demo_dataset, "nnUNetTrainerProbeNonLinearBPR", tmp_path / "pred", extra=["--disable_tta"])
+    for image in sorted(demo_dataset.test_images.glob("*.nii.gz")):
+        prediction = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))
+        assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
