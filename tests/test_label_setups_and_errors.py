@@ -23,7 +23,7 @@ def _with_ignore_slab(labels: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def region_dataset(nnunet_workspace):
     """Region-based labels (sigmoid, BraTS-style nested regions) with an ignore label."""
-    return make_dataset(991, "Regions", num_train=4, num_test=1, label_transform=_with_ignore_slab,
+    return make_dataset(991, "Regions", num_train=5, num_test=1, label_transform=_with_ignore_slab,
                         dataset_json_update={"labels": {"background": 0, "objects": [1, 2], "box": [2], "ignore": 3},
                                              "regions_class_order": [1, 2]})
 
@@ -31,7 +31,7 @@ def region_dataset(nnunet_workspace):
 @pytest.fixture(scope="module")
 def ignore_dataset(nnunet_workspace):
     """Classes (softmax) with an ignore label."""
-    return make_dataset(992, "Ignore", num_train=4, num_test=1, label_transform=_with_ignore_slab,
+    return make_dataset(992, "Ignore", num_train=5, num_test=1, label_transform=_with_ignore_slab,
                         dataset_json_update={"labels": {"background": 0, "ball": 1, "box": 2, "ignore": 3}})
 
 

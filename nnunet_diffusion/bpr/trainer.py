@@ -46,6 +46,7 @@ from torch._dynamo import OptimizedModule
 from nnunet_diffusion.bpr.model import (AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel,
                                         load_bpr_from_nnunet_checkpoint)
 from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, ordering_spearman, sample_equidistant_slices
+from nnunet_diffusion.trainer_support import backward_and_step
 
 __all__ = ["nnUNetTrainerBPR", "nnUNetTrainerBPR_smoke", "load_bpr_from_nnunet_checkpoint"]
 
@@ -224,16 +225,7 @@ class nnUNetTrainerBPR(nnUNetTrainer):
         stacks, steps_mm = self._sample_stacks(batch, axis)
         self.optimizer.zero_grad(set_to_none=True)
         loss, _ = self.loss(self._stack_scores(stacks, axis), steps_mm)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        backward_and_step(self, loss)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
