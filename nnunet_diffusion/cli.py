@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("nnunet_diffusion.cli", "print the shell line that lets nnU-Net find the plugin's trainers"),
+    "doctor": ("nnunet_diffusion.doctor", "check that nnU-Net finds the plugin's trainers and say how to fix what is off"),
     "plans": ("nnunet_diffusion.cli", "write a CPU-sized inheriting configuration from a plans preset"),
     "demo": ("nnunet_diffusion.demo", "generate a dataset, train stock and recycling trainers, predict, print Dice"),
     "evaluate": ("nnunet_diffusion.evaluation.evaluate",

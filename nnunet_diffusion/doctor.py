@@ -16,12 +16,11 @@ from pathlib import Path
 from nnunet_diffusion.environment import EXT_TRAINER_VARIABLE, shim_folder
 
 SETUP_LINE = 'eval "$(nnunet-diffusion env)"'
-SUPPORTED_NNUNET = ((2, 8), (2, 9))  # >= 2.8, < 2.9, as setup.py requires
 DEFAULT_TRAINER = "nnUNetTrainerDiffRecycle"
 
 
 def ext_trainer_problems() -> list[str]:
-    """What is wrong with nnUNet_extTrainer, judged without importing anything."""
+    """What is wrong with nnUNet_extTrainer, judged from the variable alone (no lookup)."""
     value = os.environ.get(EXT_TRAINER_VARIABLE, "")
     if not value:
         return [f"{EXT_TRAINER_VARIABLE} is not set, so nnU-Net cannot find the plugin's trainers. Fix: {SETUP_LINE}"]
@@ -41,9 +40,9 @@ def lookup_problems(trainer_name: str) -> list[str]:
         with contextlib.redirect_stdout(io.StringIO()):  # the lookup prints every module it inspects
             trainer_class = recursive_find_trainer_class_by_name(trainer_name)
     except RuntimeError as error:
-        close = difflib.get_close_matches(trainer_name, plugin_trainers, n=1)
-        hint = f" Did you mean {close[0]}?" if close and close[0] != trainer_name else ""
-        return [f"nnU-Net cannot find {trainer_name}: {error}.{hint} Fix: {SETUP_LINE}"]
+        close = [name for name in difflib.get_close_matches(trainer_name, plugin_trainers, n=1) if name != trainer_name]
+        fix = f"Did you mean {close[0]}?" if close else f"Fix: {SETUP_LINE}"
+        return [f"nnU-Net cannot find {trainer_name}. {fix} nnU-Net says: {error}"]
     if trainer_name in plugin_trainers and not trainer_class.__module__.startswith("nnunet_diffusion."):
         return [f"nnU-Net resolves {trainer_name} to {trainer_class.__module__}, not to the plugin: another folder "
                 f"in {EXT_TRAINER_VARIABLE} defines the same name. Fix: remove it or rename that class"]
@@ -51,11 +50,12 @@ def lookup_problems(trainer_name: str) -> list[str]:
 
 
 def nnunet_version_problems() -> list[str]:
+    """The installed nnunetv2 against the range the plugin was installed with (setup.py's install_requires)."""
+    from packaging.requirements import Requirement
+    requirement = next(r for r in map(Requirement, metadata.requires("nnunet-diffusion") or []) if r.name == "nnunetv2")
     installed = metadata.version("nnunetv2")
-    low, high = SUPPORTED_NNUNET
-    if not low <= tuple(int(part) for part in installed.split(".")[:2]) < high:
-        return [f"nnunetv2 {installed} is installed; the plugin supports >= {low[0]}.{low[1]}, < "
-                f"{high[0]}.{high[1]}. Fix: pip install 'nnunetv2>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"]
+    if installed not in requirement.specifier:
+        return [f"nnunetv2 {installed} is installed; the plugin needs {requirement}. Fix: pip install '{requirement}'"]
     return []
 
 

@@ -34,6 +34,16 @@ FRESH_FOLD = 4
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The networks here are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine every
+    operation then waits for a descheduled thread (measured: this module 5-8 times slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _trainer(dataset: Dataset, name: str, fold: int = FRESH_FOLD) -> nnUNetTrainer:
     return get_trainer_from_args(str(dataset.dataset_id), CONFIGURATION, fold, name, PLANS, device=CPU)
 
@@ -183,11 +193,17 @@ def test_nnunet_ext_trainer_pointing_elsewhere_is_diagnosed(monkeypatch, capsys,
     assert "does not list the plugin's shim folder" in report and doctor.SETUP_LINE in report
 
 
-def test_the_doctor_accepts_the_setup_and_suggests_the_trainer_meant(nnunet_workspace, capsys):
+def test_the_doctor_accepts_the_setup_and_names_a_misspelt_trainer_or_another_nnunet(nnunet_workspace, capsys,
+                                                                                     monkeypatch):
     assert doctor.main(["-tr", TRAINER]) == 0
     assert capsys.readouterr().out.startswith(f"ok: nnU-Net finds {TRAINER}")
     assert doctor.main(["-tr", "nnUNetTrainerDiffRecycel"]) == 1
     assert f"Did you mean {TRAINER}?" in capsys.readouterr().out
+    version = doctor.metadata.version
+    monkeypatch.setattr(doctor.metadata, "version", lambda name: "2.9.0" if name == "nnunetv2" else version(name))
+    assert doctor.main(["-tr", TRAINER]) == 1
+    assert "nnunetv2 2.9.0 is installed; the plugin needs nnunetv2<2.9,>=2.8. Fix: pip install 'nnunetv2<2.9,>=2.8'" \
+        in capsys.readouterr().out
 
 
 # --- checkpoints of the wrong trainer --------------------------------------------------------------------------------
