@@ -10,6 +10,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,12 +29,22 @@ PROGRESS_MARKERS = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "Epoch ti
 def _run(command: list[str], env: dict[str, str], log_file: Path) -> None:
     """Run an nnU-Net command, echo its progress lines, keep the full output in a log file."""
     print("  $ " + " ".join(command), flush=True)
+    started, finished = time.time(), threading.Event()
+
+    def heartbeat() -> None:  # nnU-Net prints once per epoch: say that work goes on in between
+        while not finished.wait(30):
+            print(f"    ... running for {time.time() - started:.0f} s", flush=True)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
     with open(log_file, "a") as log:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:
-            log.write(line)
-            if any(marker in line for marker in PROGRESS_MARKERS):
-                print("    " + line.rstrip()[-110:], flush=True)
+        try:
+            for line in process.stdout:
+                log.write(line)
+                if any(marker in line for marker in PROGRESS_MARKERS):
+                    print("    " + line.rstrip()[-110:], flush=True)
+        finally:
+            finished.set()
         if process.wait() != 0:
             raise SystemExit(f"command failed ({process.returncode}): {' '.join(command)}; see {log_file}")
 
