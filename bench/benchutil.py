@@ -58,10 +58,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: nnU-Net's choice, all cores on "
                         "CPU and 1 on CUDA)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (default); cpu: this process's CPU time, which other processes "
+                        "on a shared machine hardly disturb (use with --device cpu --threads 1)")
 
 
 def configure_device(args: argparse.Namespace) -> torch.device:
-    """The device, with the thread count and cuDNN settings nnUNetv2_train would use on it."""
+    """The device, with the thread count and cuDNN settings nnUNetv2_train would use on it, and the clock."""
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -139,13 +144,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_clock: Callable[[], float] = time.perf_counter
+
+
 def timed(function: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call in seconds, waiting for queued GPU work before and after."""
+    """Time of one call in seconds on the chosen clock, waiting for queued GPU work before and after."""
     synchronize(device)
-    start = time.perf_counter()
+    start = _clock()
     function()
     synchronize(device)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def device_name(device: torch.device) -> str:
@@ -166,7 +174,8 @@ def environment_lines(device: torch.device, workspace: Workspace) -> list[str]:
     if device.type == "cuda":
         versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, AMP (as nnU-Net)"
     return [f"- device: {device.type} ({device_name(device)}), {versions}",
-            f"- torch threads: {torch.get_num_threads()} (of {multiprocessing.cpu_count()} logical CPUs)",
+            f"- torch threads: {torch.get_num_threads()} (of {multiprocessing.cpu_count()} logical CPUs); "
+            f"clock: {'process CPU time' if _clock is time.process_time else 'wall time'}",
             f"- dataset: {workspace.dataset}{' (generated)' if workspace.generated else ''}, plans "
             f"{workspace.plans}, configuration {workspace.configuration}",
             f"- plan: patch size {list(configuration.patch_size)}, batch size {configuration.batch_size}, "
