@@ -62,3 +62,14 @@ def bpr_checkpoint(demo_dataset):
     from nnunet_runs import train_in_process
     trainer = train_in_process(demo_dataset, "nnUNetTrainerBPR", iterations=1)
     return Path(trainer.output_folder) / "checkpoint_final.pth"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny networks: a second intra-op thread gains nothing there, and on a busy 2-core machine
+    every operation then waits for a descheduled thread (measured: such a module 5-8 times slower)."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -34,14 +34,7 @@ FRESH_FOLD = 4
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The networks here are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine every
-    operation then waits for a descheduled thread (measured: this module 5-8 times slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trainer(dataset: Dataset, name: str, fold: int = FRESH_FOLD) -> nnUNetTrainer:

@@ -32,14 +32,7 @@ CPU = torch.device("cpu")
 LOGGED = ("train_losses", "val_losses", "mean_fg_dice", "dice_per_class_or_region", "lrs")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The networks here are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine every
-    operation then waits for a descheduled thread (measured: this module 5-8 times slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _seed_every_epoch(trainer: nnUNetTrainer, seed: int = 1234) -> None:
