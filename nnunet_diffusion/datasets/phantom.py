@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,6 +253,22 @@ def publish_dataset_folder(staging: Path, target: Path, overwrite: bool) -> None
         staging.rename(target)
 
 
+@contextmanager
+def staged_dataset(target: Path, dataset_id: int, overwrite: bool) -> Iterator[Path]:
+    """A hidden staging folder next to `target`, renamed to it only if the block completes (removed otherwise),
+    so an interrupted run leaves no half-written dataset that nnU-Net would pick up."""
+    check_free_dataset_id(target.parent, dataset_id, target.name)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; remove it or pass overwrite=True (--force) to replace it")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        publish_dataset_folder(staging, target, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def generate_phantom_dataset(raw_root: str | Path, dataset_id: int = 601, name: str = "Phantom", num_train: int = 16,
                              num_test: int = 4, seed: int = 0, overwrite: bool = False) -> Path:
     """Write Dataset{id}_{name} (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json) and return its folder.
@@ -265,12 +283,7 @@ def generate_phantom_dataset(raw_root: str | Path, dataset_id: int = 601, name: 
     raw_root = Path(raw_root)
     raw_root.mkdir(parents=True, exist_ok=True)
     target = raw_root / f"Dataset{dataset_id:03d}_{name}"
-    check_free_dataset_id(raw_root, dataset_id, target.name)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; remove it or pass overwrite=True (--force) to replace it")
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=raw_root))
-    try:
+    with staged_dataset(target, dataset_id, overwrite) as staging:
         case_seeds = np.random.SeedSequence(seed).spawn(num_train + num_test)
         for index, case_seed in enumerate(case_seeds):
             split = "Tr" if index < num_train else "Ts"
@@ -291,10 +304,6 @@ def generate_phantom_dataset(raw_root: str | Path, dataset_id: int = 601, name: 
             "phantom_seed": seed,
         }
         (staging / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-        publish_dataset_folder(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import binary_fill_holes
 
-from nnunet_diffusion.datasets.phantom import check_dataset_name, check_free_dataset_id, publish_dataset_folder
+from nnunet_diffusion.datasets.phantom import check_dataset_name, staged_dataset
 
 IMAGE_FILE_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 CT_BODY_THRESHOLD_HU = -500.0
@@ -98,12 +96,7 @@ def images_to_dataset(image_folder: str | Path, raw_root: str | Path, dataset_id
 
     raw_root.mkdir(parents=True, exist_ok=True)
     target = raw_root / f"Dataset{dataset_id:03d}_{name}"
-    check_free_dataset_id(raw_root, dataset_id, target.name)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; remove it or pass overwrite=True (--force) to replace it")
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=raw_root))
-    try:
+    with staged_dataset(target, dataset_id, overwrite) as staging:
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()
         foreground_voxels = 0
@@ -128,10 +121,6 @@ def images_to_dataset(image_folder: str | Path, raw_root: str | Path, dataset_id
             "file_ending": output_ending,
         }
         (staging / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-        publish_dataset_folder(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
