@@ -15,6 +15,14 @@ def test_labels_become_one_hot_including_background_in_minus_one_one():
     assert torch.equal((x0 > 0).sum(1), torch.ones(1, 4, dtype=torch.long))
 
 
+def test_masks_are_contiguous_so_noise_and_network_input_keep_nnunets_layout():
+    """A channels-last x0 (one_hot(...).movedim) made randn_like and the first convolution ~4% slower on CPU."""
+    target = torch.randint(0, 3, (2, 1, 5, 6, 7)).float()
+    x0 = MaskCodec(3).encode(target)
+    assert x0.is_contiguous() and x0.dtype == torch.float32
+    assert torch.randn_like(x0).is_contiguous()
+
+
 def test_ignored_voxels_are_background_in_mask_space():
     target = torch.tensor([0, 3, 2]).reshape(1, 1, 3)
     x0 = MaskCodec(3, ignore_label=3).encode(target)

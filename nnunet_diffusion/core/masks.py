@@ -39,8 +39,10 @@ class MaskCodec:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_channels):
             raise ValueError(f"target holds label {int(labels.max())} but the network has {self.num_channels} "
                              f"output channels; check dataset.json 'labels'")
-        onehot = torch.nn.functional.one_hot(labels, self.num_channels).movedim(-1, 1)
-        return onehot.to(torch.float32) * 2 - 1
+        # scatter into a contiguous (B, C, *S) tensor: one_hot(...).movedim(-1, 1) would be channels-last, and
+        # that layout would spread through the noise, the network input and its first convolution (slower on CPU).
+        x0 = torch.full((labels.shape[0], self.num_channels, *labels.shape[1:]), -1.0, device=labels.device)
+        return x0.scatter_(1, labels.unsqueeze(1), 1.0)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
