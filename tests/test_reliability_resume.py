@@ -22,6 +22,9 @@ from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoi
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS
+from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
+from nnunet_diffusion.pretraining.network import DIFFUSION, DIFFUSION_BPR, RESTORATIVE
+from nnunet_diffusion.pretraining.trainers import PROBE_TRAINERS
 from nnunet_diffusion.trainers.segmentation import STRATEGY_TRAINERS
 from nnunet_runs import CONFIGURATION, PLANS, Dataset, model_folder, train_in_process
 
@@ -58,7 +61,9 @@ def _two_epoch_trainer(dataset: Dataset, name: str) -> nnUNetTrainer:
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    """Equal state dicts; entries that are not tensors (a module's extra state, e.g. the BPR's config) by ==."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+                                        for k in a)
 
 
 def _same_optimizer_state(a: dict, b: dict) -> bool:
@@ -70,14 +75,45 @@ def _log(trainer: nnUNetTrainer) -> dict[str, list]:
     return {key: trainer.logger.local_logger.my_fantastic_logging[key] for key in LOGGED}
 
 
-@pytest.mark.parametrize("trainer_name", [cls.__name__ for cls in STRATEGY_TRAINERS])
-def test_a_run_killed_after_an_epoch_resumes_exactly_where_it_stopped(demo_dataset, trainer_name, monkeypatch,
-                                                                      tmp_path):
+# Every trainer class of the plugin that has its own code path. Left out: the `_1epoch`/`_5epochs` and `_T<N>`
+# copies, which differ from a trainer listed here only in a class attribute (epochs, diffusion timesteps).
+RESUMED_TRAINERS = [
+    *(cls.__name__ for cls in STRATEGY_TRAINERS), "nnUNetTrainerDiffRecycleNoTime", "nnUNetTrainerDiffRecycleFocal",
+    "nnUNetTrainerBPR", "nnUNetTrainerDiffPretrain", "nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerRestorePretrain",
+    *(cls.__name__ for cls in PROBE_TRAINERS)]
+
+
+@pytest.fixture(scope="module")
+def pretraining_checkpoints(demo_dataset, bpr_checkpoint) -> dict[str, Path]:
+    """A one-iteration checkpoint of each pretraining trainer, for the probes' `-pretrained_weights`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(BPR_CHECKPOINT_VARIABLE, str(bpr_checkpoint))
+        return {spec.pretraining_trainer: Path(train_in_process(demo_dataset, spec.pretraining_trainer, iterations=1,
+                                                                fold=MODEL_FOLD).output_folder)
+                / "checkpoint_final.pth" for spec in (DIFFUSION, DIFFUSION_BPR, RESTORATIVE)}
+
+
+def _pretrained_weights(trainer_name: str, request: pytest.FixtureRequest) -> str | None:
+    """What `nnUNetv2_train -pretrained_weights` gets for this trainer: a probe needs its backbone's checkpoint."""
+    backbone = next((spec for spec in (DIFFUSION, DIFFUSION_BPR, RESTORATIVE) if trainer_name in spec.probe_trainers),
+                    None)
+    if backbone is None:
+        return None
+    return str(request.getfixturevalue("pretraining_checkpoints")[backbone.pretraining_trainer])
+
+
+@pytest.mark.parametrize("trainer_name", RESUMED_TRAINERS)
+def test_a_run_killed_after_an_epoch_resumes_exactly_where_it_stopped(demo_dataset, bpr_checkpoint, trainer_name,
+                                                                      request, monkeypatch, tmp_path):
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # augmentation in this process, from the RNGs seeded above
     monkeypatch.setenv(ENV_STEPS, "1")  # a cheaper validation; its noise still comes from torch's RNG
+    monkeypatch.setenv(BPR_CHECKPOINT_VARIABLE, str(bpr_checkpoint))
+    pretrained_weights = _pretrained_weights(trainer_name, request)
     fold_folder = model_folder(demo_dataset, trainer_name) / f"fold_{RESUME_FOLD}"
     shutil.rmtree(fold_folder, ignore_errors=True)
     uninterrupted = _two_epoch_trainer(demo_dataset, trainer_name)
+    maybe_load_checkpoint(uninterrupted, continue_training=False, validation_only=False,
+                          pretrained_weights_file=pretrained_weights)  # nnUNetv2_train ... [-pretrained_weights]
     after_first_epoch: dict = {}
     end_epoch = uninterrupted.on_epoch_end
 
@@ -94,7 +130,8 @@ def test_a_run_killed_after_an_epoch_resumes_exactly_where_it_stopped(demo_datas
     shutil.rmtree(fold_folder)
     shutil.copytree(tmp_path / "killed", fold_folder)
     resumed = _two_epoch_trainer(demo_dataset, trainer_name)  # a fresh process builds it the same way
-    maybe_load_checkpoint(resumed, continue_training=True, validation_only=False)  # nnUNetv2_train ... --c
+    # nnUNetv2_train ... --c (nnU-Net refuses --c together with -pretrained_weights: the checkpoint holds them)
+    maybe_load_checkpoint(resumed, continue_training=True, validation_only=False)
     assert resumed.current_epoch == 1
     assert _same_tensors(resumed.network.state_dict(), after_first_epoch["weights"])
     assert _same_optimizer_state(resumed.optimizer.state_dict(), after_first_epoch["optimizer"])

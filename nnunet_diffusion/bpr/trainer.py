@@ -98,7 +98,6 @@ class nnUNetTrainerBPR(nnUNetTrainer):
         self.num_epochs = self.bpr_num_epochs
         self.num_iterations_per_epoch = self.bpr_iterations_per_epoch
         self.num_val_iterations_per_epoch = self.bpr_val_iterations_per_epoch
-        self.slice_rng = np.random.default_rng()
         self.training_step_count = 0
 
     @classmethod
@@ -200,13 +199,16 @@ class nnUNetTrainerBPR(nnUNetTrainer):
         image along the axis.
         """
         stacks, steps_mm = [], []
+        # Drawn from numpy's global RNG, like nnU-Net's own patch sampling, so that seeding numpy makes a run
+        # repeatable and a resumed run can match an uninterrupted one.
+        rng = np.random.default_rng(np.random.randint(2 ** 31))
         spacing = float(self.configuration_manager.spacing[axis])
         for volume, target in zip(batch["data"][:, 0], batch["target"][:, 0]):
             box = _valid_box(target)
             window = tuple(s for d, s in enumerate(volume.shape) if d != axis)
             reference_std = float(volume[box].std())
             for _ in range(self.bpr_stacks_per_patch):
-                slices, gap = sample_equidistant_slices(volume, axis, self.bpr_num_slices, window, self.slice_rng,
+                slices, gap = sample_equidistant_slices(volume, axis, self.bpr_num_slices, window, rng,
                                                         valid_range=(box[axis].start, box[axis].stop - 1),
                                                         reference_std=reference_std)
                 stacks.append(slices)
@@ -217,6 +219,11 @@ class nnUNetTrainerBPR(nnUNetTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             scores = self.network(stacks, axis)
         return scores.float().reshape(-1, self.bpr_num_slices)
+
+    def on_train_epoch_start(self) -> None:
+        """The axis cycle follows the global step, which a run resumed with --c restores through the epoch."""
+        self.training_step_count = self.current_epoch * self.num_iterations_per_epoch
+        super().on_train_epoch_start()
 
     def train_step(self, batch: dict) -> dict:
         """One axis per step (cycling), so every slice in the forward pass has the same shape."""
