@@ -1,0 +1,289 @@
+"""The pretraining comparison of Li et al. (2025) on the generated phantom, at a scale that fits a CPU.
+
+Every backbone is frozen and probed with the same point-wise non-linear head on held-out phantom cases:
+
+    random init        a freshly built diffusion backbone, never trained (the floor)
+    restorative        nnUNetTrainerRestorePretrain (Models Genesis)
+    diffusion          nnUNetTrainerDiffPretrain (T = 10)
+    diffusion + BPR    nnUNetTrainerDiffPretrainBPR with T = 1, 10 (the paper's choice) and 100
+
+The script runs the documented workflow (docs/pretraining.md) with nnU-Net's own tools: it generates a pretraining
+phantom (602) and a labelled probe phantom (601), plans and preprocesses 602, moves its plans to 601 and
+preprocesses 601 with them, derives the cpu_tiny preset in both, trains nnUNetTrainerBPR, the pretraining trainers
+and the probes with nnU-Net's training loop (`get_trainer_from_args`, `maybe_load_checkpoint` with
+`-pretrained_weights`, `run_training`, as nnUNetv2_train runs them, but with shorter schedules), predicts the test
+cases with nnU-Net's predictor and reports Dice per organ-size group (big: liver, spleen, kidneys, stomach;
+medium: aorta, pancreas, gallbladder; small: adrenals). Every training starts from the same seed.
+
+    python bench/pretraining_experiment.py --workdir /tmp/pretraining_experiment
+    python bench/pretraining_experiment.py --workdir /tmp/pretraining_experiment \
+        --real-ct ../shared/data/totalseg_examples/example_ct.nii.gz    # also: the BPR on a real CT
+
+With --real-ct the phantom-trained BPR also scores real CT volumes (converted with images-to-dataset, preprocessed
+with the pretraining plans): its per-axis ordering there says whether what it learnt transfers to real anatomy.
+The probe comparison itself is not run on real CT: the TotalSegmentator examples hold one labelled CT, so there is
+no held-out labelled case to score a probe on.
+
+Finished steps are skipped when the script is run again on the same --workdir. The table goes to stdout and, with
+the per-organ figures and timings, to <workdir>/pretraining_experiment.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRETRAIN_ID, PROBE_ID, REAL_CT_ID = 602, 601, 603
+PRESET, PLANS, CONFIGURATION = "cpu_tiny", "nnUNetPlansCPU", "3d_cpu"
+SIZE_GROUPS = ("big", "medium", "small")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    label: str
+    pretraining_trainer: str | None  # None: random init, never trained
+    probe_trainer: str
+    timesteps: int | None
+
+
+BACKBONES = (
+    Backbone("random init", None, "nnUNetTrainerProbeNonLinear", None),
+    Backbone("restorative", "nnUNetTrainerRestorePretrain", "nnUNetTrainerProbeNonLinearRestore", None),
+    Backbone("diffusion", "nnUNetTrainerDiffPretrain", "nnUNetTrainerProbeNonLinear", 10),
+    Backbone("diffusion + BPR", "nnUNetTrainerDiffPretrainBPR_T1", "nnUNetTrainerProbeNonLinearBPR", 1),
+    Backbone("diffusion + BPR", "nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerProbeNonLinearBPR", 10),
+    Backbone("diffusion + BPR", "nnUNetTrainerDiffPretrainBPR_T100", "nnUNetTrainerProbeNonLinearBPR", 100),
+)
+
+
+def run(command: list[str], log: Path) -> None:
+    """An nnU-Net command with its output kept in the log; a failure names the log."""
+    print("  $ " + " ".join(command), flush=True)
+    with open(log, "a") as out:
+        if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+            raise SystemExit(f"failed: {' '.join(command)}; see {log}")
+
+
+def prepare_datasets(workdir: Path, args: argparse.Namespace) -> None:
+    """Both phantoms, planned and preprocessed with one set of plans, as docs/pretraining.md describes."""
+    from nnunet_diffusion.datasets.phantom import generate_phantom_dataset
+    from nnunet_diffusion.plans import write_preset_plans
+
+    raw, preprocessed = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
+    log = workdir / "preprocessing.log"
+    if not (preprocessed / f"Dataset{PRETRAIN_ID}_PhantomPretrain" / f"{PLANS}.json").is_file():
+        generate_phantom_dataset(raw, PRETRAIN_ID, "PhantomPretrain", args.pretrain_cases, 0, seed=1, overwrite=True)
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(PRETRAIN_ID), "-c", "3d_fullres", "-np", "2",
+             "--verify_dataset_integrity"], log)
+        write_preset_plans(preprocessed / f"Dataset{PRETRAIN_ID}_PhantomPretrain", PRESET)
+    if not (preprocessed / f"Dataset{PROBE_ID}_Phantom" / f"{PLANS}.json").is_file():
+        generate_phantom_dataset(raw, PROBE_ID, "Phantom", args.probe_cases, args.test_cases, seed=0, overwrite=True)
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(PROBE_ID), "-c", "3d_fullres", "--no_pp",
+             "--verify_dataset_integrity"], log)
+        run(["nnUNetv2_move_plans_between_datasets", "-s", str(PRETRAIN_ID), "-t", str(PROBE_ID),
+             "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], log)
+        run(["nnUNetv2_preprocess", "-d", str(PROBE_ID), "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
+             "-np", "2"], log)
+        write_preset_plans(preprocessed / f"Dataset{PROBE_ID}_Phantom", PRESET)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(dataset_id: int, trainer_name: str, iterations: int, args: argparse.Namespace,
+          pretrained_weights: Path | None = None) -> Path:
+    """nnUNetv2_train's sequence (with its final validation) for fold 0, `iterations` split into epochs of --iterations-per-epoch; returns
+    the fold folder. Skipped when a checkpoint_final.pth is there already."""
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    seed_everything(args.seed)
+    trainer = get_trainer_from_args(str(dataset_id), CONFIGURATION, 0, trainer_name, PLANS,
+                                    device=torch.device(args.device))
+    fold_folder = Path(trainer.output_folder)
+    if (fold_folder / "checkpoint_final.pth").is_file():
+        return fold_folder
+    trainer.num_epochs = max(1, round(iterations / args.iterations_per_epoch))
+    trainer.num_iterations_per_epoch = min(iterations, args.iterations_per_epoch)
+    trainer.num_val_iterations_per_epoch = max(1, trainer.num_iterations_per_epoch // 10)
+    maybe_load_checkpoint(trainer, False, False, None if pretrained_weights is None else str(pretrained_weights))
+    trainer.run_training()
+    trainer.perform_actual_validation()
+    return fold_folder
+
+
+def random_init_checkpoint(workdir: Path, trainer_name: str) -> Path:
+    """A pretraining network exactly as its trainer builds it, never trained: the probes' floor."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    path = workdir / "random_init_checkpoint.pth"
+    if not path.is_file():
+        seed_everything(0)
+        trainer = get_trainer_from_args(str(PRETRAIN_ID), CONFIGURATION, 0, trainer_name, PLANS,
+                                        device=torch.device("cpu"))
+        trainer.initialize()
+        torch.save({"network_weights": trainer.network.state_dict(), "trainer_name": trainer_name}, path)
+    return path
+
+
+def predict(model_folder: Path, output: Path, device: str) -> None:
+    """nnU-Net's predictor (what nnUNetv2_predict runs), fold 0, without test-time mirroring to save time."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    images = Path(os.environ["nnUNet_raw"]) / f"Dataset{PROBE_ID}_Phantom" / "imagesTs"
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
+    predictor.predict_from_files(str(images), str(output), save_probabilities=False, overwrite=True,
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+
+
+def dice_by_organ(predictions: Path) -> dict[str, float]:
+    from nnunet_diffusion.datasets.phantom import LABELS
+    from nnunet_diffusion.evaluation.metrics import evaluate_folder
+
+    references = Path(os.environ["nnUNet_raw"]) / f"Dataset{PROBE_ID}_Phantom" / "labelsTs"
+    organs = {name: label for name, label in LABELS.items() if label}
+    means = evaluate_folder(predictions, references, list(organs.values()))["mean"]
+    return {name: means[str(label)]["Dice"] for name, label in organs.items()}
+
+
+def summarise(dice: dict[str, float]) -> dict[str, float]:
+    from nnunet_diffusion.datasets.phantom import ORGAN_SIZE_GROUPS
+
+    summary = {"mean": float(np.mean(list(dice.values())))}
+    for group in SIZE_GROUPS:
+        summary[group] = float(np.mean([d for organ, d in dice.items() if ORGAN_SIZE_GROUPS[organ] == group]))
+    return summary
+
+
+def probe_backbone(workdir: Path, backbone: Backbone, bpr_checkpoint: Path, args: argparse.Namespace) -> dict:
+    """Pretrain (unless random init), probe on the frozen backbone, predict and score; one result row."""
+    from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
+
+    key = backbone.pretraining_trainer or "random_init"
+    kept = workdir / "probes" / key  # probes of one class share nnU-Net's model folder: each is moved here
+    started = time.time()
+    if not (kept / "predictions").is_dir():
+        os.environ[BPR_CHECKPOINT_VARIABLE] = str(bpr_checkpoint)
+        if backbone.pretraining_trainer is None:
+            weights = random_init_checkpoint(workdir, "nnUNetTrainerDiffPretrain")
+        else:
+            print(f"pretraining {backbone.pretraining_trainer}", flush=True)
+            weights = train(PRETRAIN_ID, backbone.pretraining_trainer, args.pretrain_iterations, args) \
+                / "checkpoint_final.pth"
+        print(f"probing {key} with {backbone.probe_trainer}", flush=True)
+        fold_folder = train(PROBE_ID, backbone.probe_trainer, args.probe_iterations, args, pretrained_weights=weights)
+        predict(fold_folder.parent, workdir / "predictions_tmp", args.device)
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(fold_folder.parent), kept)
+        shutil.move(str(workdir / "predictions_tmp"), kept / "predictions")
+    dice = dice_by_organ(kept / "predictions")
+    return {"backbone": backbone.label, "T": backbone.timesteps, "pretraining": key,
+            "probe": backbone.probe_trainer, **summarise(dice), "dice_per_organ": dice,
+            "seconds": round(time.time() - started)}
+
+
+def bpr_ordering(fold_folder: Path) -> dict[str, float]:
+    """Mean validation Spearman per axis, from the bpr_validation.json that nnUNetTrainerBPR writes."""
+    validation = json.loads((fold_folder / "bpr_validation.json").read_text())
+    return validation["mean_per_axis"]
+
+
+def real_ct_ordering(workdir: Path, ct_files: list[Path], bpr_checkpoint: Path) -> dict[str, dict[str, float]]:
+    """Per-axis Spearman of the phantom-trained BPR on real CT volumes preprocessed with the pretraining plans."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_diffusion.bpr.model import load_bpr_from_nnunet_checkpoint
+    from nnunet_diffusion.bpr.training import ordering_spearman
+    from nnunet_diffusion.datasets.unlabeled import images_to_dataset
+    from nnunet_diffusion.plans import write_preset_plans
+
+    folder = Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{REAL_CT_ID}_RealCT"
+    if not (folder / f"{PLANS}.json").is_file():
+        images = workdir / "real_ct_images"
+        shutil.rmtree(images, ignore_errors=True)
+        images.mkdir()
+        for file in ct_files:
+            shutil.copy(file, images / file.name)
+        images_to_dataset(images, os.environ["nnUNet_raw"], REAL_CT_ID, "RealCT", overwrite=True)
+        log = workdir / "preprocessing.log"
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(REAL_CT_ID), "-c", "3d_fullres", "--no_pp"], log)
+        run(["nnUNetv2_move_plans_between_datasets", "-s", str(PRETRAIN_ID), "-t", str(REAL_CT_ID),
+             "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], log)
+        run(["nnUNetv2_preprocess", "-d", str(REAL_CT_ID), "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
+             "-np", "1"], log)
+        write_preset_plans(folder, PRESET)
+    configuration = PlansManager(str(folder / f"{PLANS}.json")).get_configuration(CONFIGURATION)
+    data_folder = folder / configuration.data_identifier
+    dataset = infer_dataset_class(str(data_folder))(str(data_folder))
+    model = load_bpr_from_nnunet_checkpoint(bpr_checkpoint).eval()
+    return {key: ordering_spearman(model, np.asarray(dataset.load_case(key)[0][0]), configuration.spacing)
+            for key in dataset.identifiers}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| backbone (frozen) | T | probe | mean Dice | big | medium | small |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['backbone']} | {row['T'] or '—'} | {row['probe']} | {row['mean']:.3f} | "
+                     f"{row['big']:.3f} | {row['medium']:.3f} | {row['small']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, required=True, help="nnU-Net folders and results go here")
+    parser.add_argument("--pretrain-cases", type=int, default=24, help="unlabelled phantom cases for pretraining")
+    parser.add_argument("--probe-cases", type=int, default=10, help="labelled phantom cases for the probes")
+    parser.add_argument("--test-cases", type=int, default=4, help="held-out labelled cases")
+    parser.add_argument("--bpr-iterations", type=int, default=600)
+    parser.add_argument("--pretrain-iterations", type=int, default=500)
+    parser.add_argument("--probe-iterations", type=int, default=300)
+    parser.add_argument("--iterations-per-epoch", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="every training starts from this seed")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--real-ct", type=Path, nargs="*", default=[],
+                        help="real CT files (.nii.gz) on which to measure the phantom-trained BPR's ordering")
+    args = parser.parse_args()
+
+    workdir = args.workdir.resolve()
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(workdir / name)  # before nnunetv2 is imported: it reads them once
+    from nnunet_diffusion.environment import with_plugin_environment
+    os.environ.update(with_plugin_environment())
+    os.environ.setdefault("nnUNet_def_n_proc", "2")
+
+    started = time.time()
+    prepare_datasets(workdir, args)
+    print("training nnUNetTrainerBPR", flush=True)
+    bpr_folder = train(PRETRAIN_ID, "nnUNetTrainerBPR", args.bpr_iterations, args)
+    rows = [probe_backbone(workdir, backbone, bpr_folder / "checkpoint_final.pth", args) for backbone in BACKBONES]
+    ordering = bpr_ordering(bpr_folder)
+    real_ct = real_ct_ordering(workdir, args.real_ct, bpr_folder / "checkpoint_final.pth") if args.real_ct else {}
+    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "bpr_spearman_per_axis": ordering,
+              "bpr_spearman_per_axis_real_ct": real_ct, "rows": rows, "total_seconds": round(time.time() - started)}
+    (workdir / "pretraining_experiment.json").write_text(json.dumps(result, indent=2))
+    print(f"\nBPR ordering of the pretraining phantom's validation cases (Spearman per axis): {ordering}")
+    for case, per_axis in real_ct.items():
+        print(f"BPR ordering of the real CT {case} (Spearman per axis): {per_axis}")
+    print(f"{args.test_cases} held-out phantom cases, {args.probe_cases} probe training cases, "
+          f"{args.pretrain_iterations} pretraining / {args.probe_iterations} probe iterations; "
+          f"{result['total_seconds'] / 60:.0f} min in this run (finished steps are skipped)\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
