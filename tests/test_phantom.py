@@ -112,6 +112,9 @@ def test_existing_datasets_are_protected(tmp_path):
         generate_phantom_dataset(tmp_path, num_train=1, num_test=0, seed=0)
     generate_phantom_dataset(tmp_path, num_train=2, num_test=0, seed=0, overwrite=True)
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 2
+    (tmp_path / "probe").mkdir()
+    assert folder.stat().st_mode == (tmp_path / "probe").stat().st_mode  # umask honoured, not a private 0700
+    (tmp_path / "probe").rmdir()
     with pytest.raises(FileExistsError, match="dataset id 601 is already used by Dataset601_Phantom"):
         generate_phantom_dataset(tmp_path, name="Other", num_train=1, num_test=0, overwrite=True)
     with pytest.raises(ValueError, match="letters, digits"):

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
+from nnunet_diffusion.datasets.staging import staged_dataset
 from nnunet_diffusion.evaluation.metrics import geometry_mismatch
 
 CHANNEL_FILES = ("Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz")  # _0000, _0001
@@ -48,9 +47,8 @@ def convert_brats(source_dir: str | Path, raw_root: str | Path | None, dataset_i
     """Write Dataset{id}_BraTS2013[WT] under `raw_root` and return its path.
 
     Labels: background 0, oedema 1, core (necrosis + non-enhancing) 2, enhancing 3; with `whole_tumour` a single
-    label tumour 1. All cases go to imagesTr/labelsTr (folds are the user's choice). The dataset is built in a
-    hidden temporary folder next to the target and renamed at the end, so a failed or killed run never leaves
-    a half-written dataset that nnU-Net would pick up.
+    label tumour 1. All cases go to imagesTr/labelsTr (folds are the user's choice). Written through
+    `staged_dataset`: a failed or killed run leaves no half-written dataset.
     """
     if raw_root is None or str(raw_root) == "":
         raise ValueError("raw_root is not set: pass --raw-root or set the nnUNet_raw environment variable")
@@ -70,26 +68,18 @@ def convert_brats(source_dir: str | Path, raw_root: str | Path | None, dataset_i
         raise FileExistsError(f"{raw_root} already holds {', '.join(clashes)} with dataset id {dataset_id}; "
                               f"delete it or pick another --dataset-id")
     target = raw_root / name
-    # uuid rather than tempfile.mkdtemp: mkdtemp's 0700 mode would survive the rename and hide the dataset
-    # from other users; a plain mkdir honours the umask.
-    tmp = raw_root / f".{name}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        tmp.mkdir()
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
+    with staged_dataset(target, dataset_id, overwrite=False) as staging:
+        (staging / "imagesTr").mkdir()
+        (staging / "labelsTr").mkdir()
         for case in cases:
-            _convert_case(case, tmp, lut, spacing_mm)
+            _convert_case(case, staging, lut, spacing_mm)
         generate_dataset_json(
-            str(tmp), channel_names=CHANNEL_NAMES, labels=labels, num_training_cases=len(cases),
+            str(staging), channel_names=CHANNEL_NAMES, labels=labels, num_training_cases=len(cases),
             file_ending=FILE_ENDING, dataset_name=name,
             description=(f"BraTS 2013 (DeepMedic copy): channel 0 FLAIR, channel 1 T1c, both z-scored inside the "
                          f"brain by the provider; cropped to the brain mask and resampled to {spacing_mm} mm."),
             reference="Menze et al., IEEE TMI 34(10), 2015; data prepared by K. Kamnitsas for DeepMedic",
             license="CC BY-NC-SA 3.0 CH", converted_by="nnunet-diffusion convert-brats")
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

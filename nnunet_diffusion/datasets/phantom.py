@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
+
+from nnunet_diffusion.datasets.staging import check_dataset_name, staged_dataset
 
 LABELS: dict[str, int] = {
     "background": 0,
@@ -224,49 +221,6 @@ def _write(array: np.ndarray, path: Path, spacing: tuple[float, float, float]) -
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     sitk.WriteImage(image, str(path), useCompression=True)
-
-
-def check_free_dataset_id(raw_root: Path, dataset_id: int, folder_name: str) -> None:
-    """nnU-Net finds datasets by id, so a second folder with the same id (another name) would be ambiguous."""
-    clashes = [p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p.name != folder_name]
-    if clashes:
-        raise FileExistsError(f"dataset id {dataset_id} is already used by {', '.join(clashes)} in {raw_root}; "
-                              "choose another dataset id or remove that folder")
-
-
-def check_dataset_name(name: str) -> None:
-    """Dataset names become folder names and nnU-Net identifiers: letters, digits, '_' and '-' only."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-        raise ValueError(f"dataset name {name!r} must consist of letters, digits, '_' or '-' (e.g. 'Phantom')")
-
-
-def publish_dataset_folder(staging: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished staging folder to its final name; an existing target is replaced only if overwrite."""
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} already exists; remove it or pass overwrite=True (--force) to replace it")
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(retired / target.name)
-        staging.rename(target)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(target)
-
-
-@contextmanager
-def staged_dataset(target: Path, dataset_id: int, overwrite: bool) -> Iterator[Path]:
-    """A hidden staging folder next to `target`, renamed to it only if the block completes (removed otherwise),
-    so an interrupted run leaves no half-written dataset that nnU-Net would pick up."""
-    check_free_dataset_id(target.parent, dataset_id, target.name)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; remove it or pass overwrite=True (--force) to replace it")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        publish_dataset_folder(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def generate_phantom_dataset(raw_root: str | Path, dataset_id: int = 601, name: str = "Phantom", num_train: int = 16,

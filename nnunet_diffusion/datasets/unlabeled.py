@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import binary_fill_holes
 
-from nnunet_diffusion.datasets.phantom import check_dataset_name, staged_dataset
+from nnunet_diffusion.datasets.staging import check_dataset_name, staged_dataset
 
 IMAGE_FILE_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 CT_BODY_THRESHOLD_HU = -500.0
