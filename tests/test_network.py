@@ -80,6 +80,27 @@ def test_time_conditioning_starts_as_identity_and_then_makes_the_output_depend_o
     assert not torch.allclose(network(image, x_t, t0), network(image, x_t, t3), atol=1e-4)
 
 
+@pytest.mark.parametrize("channels,hooked", [(2, False), (3, True)])
+def test_input_convolution_takes_channels_last_on_cpu_without_changing_results(channels, hooked):
+    """1 + 3 input channels get the layout hooks (a faster weight gradient on CPU), 1 + 2 do not; either way the
+    outputs and gradients are those of the plain convolution, and the network continues in nnU-Net's layout."""
+    network = _small_network(channels=channels)
+    first = network.unet.encoder.stages[0][0].convs[0].conv
+    assert bool(first._forward_pre_hooks) == hooked and bool(first._forward_hooks) == hooked
+    image, x_t, t = torch.randn(2, 1, 8, 8, 8), torch.randn(2, channels, 8, 8, 8), torch.tensor([1, 3])
+    activations = []
+    network.unet.encoder.stages[0][0].convs[0].norm.register_forward_hook(lambda m, a, o: activations.append(a[0]))
+    network(image, x_t, t).square().sum().backward()
+    gradient = first.weight.grad.clone()
+    first._forward_pre_hooks.clear()
+    first._forward_hooks.clear()
+    network.zero_grad()
+    network(image, x_t, t).square().sum().backward()
+    assert activations[0].is_contiguous()
+    assert torch.allclose(activations[0], activations[1], atol=1e-5)
+    assert torch.allclose(gradient, first.weight.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_unconditioned_network_ignores_the_timestep():
     network = _small_network(time_conditioning=False)
     image, x_t = torch.randn(1, 1, 8, 8, 8), torch.randn(1, 3, 8, 8, 8)

@@ -104,6 +104,32 @@ def add_time_conditioning(network: nn.Module, embedding_dim: int, context: TimeC
     return len(wrappers)
 
 
+CHANNELS_LAST_MIN_INPUT_CHANNELS = 4
+
+
+def _channels_last_input_on_cpu(conv: nn.Module, args: tuple) -> tuple | None:
+    """oneDNN computes the weight gradient of a 3D convolution with 4 or more input channels 3-4 times faster from a
+    channels-last input (measured, 1 thread: 40 → 11 ms for 4 channels at 2×48³; equal for 2-3 channels)."""
+    x = args[0]
+    if x.device.type == "cpu" and x.ndim == 5:
+        return (x.contiguous(memory_format=torch.channels_last_3d),)
+    return None
+
+
+def _contiguous_output(conv: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Back to nnU-Net's layout, so the rest of the network runs exactly as in the stock trainer."""
+    return output.contiguous()
+
+
+def speed_up_input_convolution(unet: nn.Module, num_input_channels: int) -> None:
+    """Hooks on the first convolution, which sees image + mask channels: a CPU-only layout fix, no new weights."""
+    first = next((m for m in unet.modules() if isinstance(m, nn.Conv3d) and m.in_channels == num_input_channels),
+                 None)
+    if first is not None and num_input_channels >= CHANNELS_LAST_MIN_INPUT_CHANNELS:
+        first.register_forward_pre_hook(_channels_last_input_on_cpu)
+        first.register_forward_hook(_contiguous_output)
+
+
 class DiffusionSegmentationNetwork(nn.Module):
     """Denoiser f(image, x_t, t[, x̂0_prev]) → x0 logits; in eval mode `forward(image)` samples a segmentation."""
 
@@ -122,6 +148,7 @@ class DiffusionSegmentationNetwork(nn.Module):
                                                 nn.Linear(embedding_dim, embedding_dim))
             self.embedding_dim = embedding_dim
         self.unet = unet
+        speed_up_input_convolution(unet, num_image_channels + codec.num_channels * (2 if self_conditioning else 1))
         self.set_deep_supervision_enabled(unet.decoder.deep_supervision)
         # Part of the state dict so that the predictor, which never sees dataset.json, decodes masks correctly.
         self.register_buffer("uses_sigmoid", torch.tensor(codec.activation == "sigmoid"))
