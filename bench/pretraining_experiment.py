@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,35 +64,42 @@ BACKBONES = (
 )
 
 
-def run(command: list[str], log: Path) -> None:
-    """An nnU-Net command with its output kept in the log; a failure names the log."""
-    print("  $ " + " ".join(command), flush=True)
-    with open(log, "a") as out:
-        if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-            raise SystemExit(f"failed: {' '.join(command)}; see {log}")
+def preprocess_with_pretraining_plans(dataset_id: int, log: Path) -> None:
+    """Plan a dataset only for its fingerprint, give it the pretraining plans and preprocess it with them, then
+    derive the preset: docs/pretraining.md, section 4, for a probe (or any target) dataset."""
+    from nnunet_diffusion.demo import run_logged
+    from nnunet_diffusion.plans import write_preset_plans
+
+    env = dict(os.environ)
+    run_logged(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "--no_pp"], env, log)
+    run_logged(["nnUNetv2_move_plans_between_datasets", "-s", str(PRETRAIN_ID), "-t", str(dataset_id),
+                "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], env, log)
+    run_logged(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
+                "-np", "2"], env, log)
+    write_preset_plans(preprocessed_folder(dataset_id), PRESET)
+
+
+def preprocessed_folder(dataset_id: int) -> Path:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    return Path(os.environ["nnUNet_preprocessed"]) / maybe_convert_to_dataset_name(dataset_id)
 
 
 def prepare_datasets(workdir: Path, args: argparse.Namespace) -> None:
     """Both phantoms, planned and preprocessed with one set of plans, as docs/pretraining.md describes."""
     from nnunet_diffusion.datasets.phantom import generate_phantom_dataset
+    from nnunet_diffusion.demo import run_logged
     from nnunet_diffusion.plans import write_preset_plans
 
     raw, preprocessed = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
     log = workdir / "preprocessing.log"
     if not (preprocessed / f"Dataset{PRETRAIN_ID}_PhantomPretrain" / f"{PLANS}.json").is_file():
         generate_phantom_dataset(raw, PRETRAIN_ID, "PhantomPretrain", args.pretrain_cases, 0, seed=1, overwrite=True)
-        run(["nnUNetv2_plan_and_preprocess", "-d", str(PRETRAIN_ID), "-c", "3d_fullres", "-np", "2",
-             "--verify_dataset_integrity"], log)
-        write_preset_plans(preprocessed / f"Dataset{PRETRAIN_ID}_PhantomPretrain", PRESET)
+        run_logged(["nnUNetv2_plan_and_preprocess", "-d", str(PRETRAIN_ID), "-c", "3d_fullres", "-np", "2",
+                    "--verify_dataset_integrity"], dict(os.environ), log)
+        write_preset_plans(preprocessed_folder(PRETRAIN_ID), PRESET)
     if not (preprocessed / f"Dataset{PROBE_ID}_Phantom" / f"{PLANS}.json").is_file():
         generate_phantom_dataset(raw, PROBE_ID, "Phantom", args.probe_cases, args.test_cases, seed=0, overwrite=True)
-        run(["nnUNetv2_plan_and_preprocess", "-d", str(PROBE_ID), "-c", "3d_fullres", "--no_pp",
-             "--verify_dataset_integrity"], log)
-        run(["nnUNetv2_move_plans_between_datasets", "-s", str(PRETRAIN_ID), "-t", str(PROBE_ID),
-             "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], log)
-        run(["nnUNetv2_preprocess", "-d", str(PROBE_ID), "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
-             "-np", "2"], log)
-        write_preset_plans(preprocessed / f"Dataset{PROBE_ID}_Phantom", PRESET)
+        preprocess_with_pretraining_plans(PROBE_ID, log)
 
 
 def seed_everything(seed: int) -> None:
@@ -103,9 +109,11 @@ def seed_everything(seed: int) -> None:
 
 
 def train(dataset_id: int, trainer_name: str, iterations: int, args: argparse.Namespace,
-          pretrained_weights: Path | None = None) -> Path:
-    """nnUNetv2_train's sequence (with its final validation) for fold 0, `iterations` split into epochs of --iterations-per-epoch; returns
-    the fold folder. Skipped when a checkpoint_final.pth is there already."""
+          pretrained_weights: Path | None = None, final_validation: bool = False) -> Path:
+    """nnUNetv2_train's sequence for fold 0, `iterations` split into epochs of --iterations-per-epoch; returns the
+    fold folder. Skipped when its checkpoint_final.pth exists. nnU-Net's final validation only on request: the
+    probes are scored on the test cases instead, and mirrored sliding windows over the validation cases cost
+    more CPU time than a short training."""
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     seed_everything(args.seed)
@@ -119,7 +127,8 @@ def train(dataset_id: int, trainer_name: str, iterations: int, args: argparse.Na
     trainer.num_val_iterations_per_epoch = max(1, trainer.num_iterations_per_epoch // 10)
     maybe_load_checkpoint(trainer, False, False, None if pretrained_weights is None else str(pretrained_weights))
     trainer.run_training()
-    trainer.perform_actual_validation()
+    if final_validation:
+        trainer.perform_actual_validation()
     return fold_folder
 
 
@@ -209,7 +218,6 @@ def real_ct_ordering(workdir: Path, ct_files: list[Path], bpr_checkpoint: Path) 
     from nnunet_diffusion.bpr.model import load_bpr_from_nnunet_checkpoint
     from nnunet_diffusion.bpr.training import ordering_spearman
     from nnunet_diffusion.datasets.unlabeled import images_to_dataset
-    from nnunet_diffusion.plans import write_preset_plans
 
     folder = Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{REAL_CT_ID}_RealCT"
     if not (folder / f"{PLANS}.json").is_file():
@@ -219,13 +227,7 @@ def real_ct_ordering(workdir: Path, ct_files: list[Path], bpr_checkpoint: Path) 
         for file in ct_files:
             shutil.copy(file, images / file.name)
         images_to_dataset(images, os.environ["nnUNet_raw"], REAL_CT_ID, "RealCT", overwrite=True)
-        log = workdir / "preprocessing.log"
-        run(["nnUNetv2_plan_and_preprocess", "-d", str(REAL_CT_ID), "-c", "3d_fullres", "--no_pp"], log)
-        run(["nnUNetv2_move_plans_between_datasets", "-s", str(PRETRAIN_ID), "-t", str(REAL_CT_ID),
-             "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], log)
-        run(["nnUNetv2_preprocess", "-d", str(REAL_CT_ID), "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
-             "-np", "1"], log)
-        write_preset_plans(folder, PRESET)
+        preprocess_with_pretraining_plans(REAL_CT_ID, workdir / "preprocessing.log")
     configuration = PlansManager(str(folder / f"{PLANS}.json")).get_configuration(CONFIGURATION)
     data_folder = folder / configuration.data_identifier
     dataset = infer_dataset_class(str(data_folder))(str(data_folder))
@@ -269,7 +271,7 @@ def main() -> None:
     started = time.time()
     prepare_datasets(workdir, args)
     print("training nnUNetTrainerBPR", flush=True)
-    bpr_folder = train(PRETRAIN_ID, "nnUNetTrainerBPR", args.bpr_iterations, args)
+    bpr_folder = train(PRETRAIN_ID, "nnUNetTrainerBPR", args.bpr_iterations, args, final_validation=True)
     rows = [probe_backbone(workdir, backbone, bpr_folder / "checkpoint_final.pth", args) for backbone in BACKBONES]
     ordering = bpr_ordering(bpr_folder)
     real_ct = real_ct_ordering(workdir, args.real_ct, bpr_folder / "checkpoint_final.pth") if args.real_ct else {}

@@ -26,7 +26,7 @@ PROGRESS_MARKERS = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "Epoch ti
                     "Predicting ", "Done with")
 
 
-def _run(command: list[str], env: dict[str, str], log_file: Path) -> None:
+def run_logged(command: list[str], env: dict[str, str], log_file: Path) -> None:
     """Run an nnU-Net command, echo its progress lines, keep the full output in a log file."""
     print("  $ " + " ".join(command), flush=True)
     started, finished = time.time(), threading.Event()
@@ -70,22 +70,22 @@ def run_demo(workdir: Path, trainers: tuple[str, ...] = TRAINERS, num_train: int
                                          seed=seed, overwrite=True)
     print("[2/5] planning and preprocessing with nnU-Net", flush=True)
     shutil.rmtree(preprocessed / dataset.name, ignore_errors=True)
-    _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2",
-          "--verify_dataset_integrity"], env, log)
+    run_logged(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2",
+                "--verify_dataset_integrity"], env, log)
     print(f"      CPU-sized configuration: {write_preset_plans(preprocessed / dataset.name, 'cpu_tiny')}", flush=True)
 
     rows = []
     for index, trainer in enumerate(trainers, start=1):
         shutil.rmtree(results / dataset.name / f"{trainer}__{PLANS}__{CONFIGURATION}", ignore_errors=True)
         print(f"[3/5] training {trainer} ({index}/{len(trainers)})", flush=True)
-        _run(["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-p", PLANS, "-tr", trainer, "-device", "cpu"],
-             env, log)
+        run_logged(["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-p", PLANS, "-tr", trainer, "-device",
+                    "cpu"], env, log)
         print(f"[4/5] predicting the held-out cases with {trainer}", flush=True)
         predictions = workdir / "predictions" / trainer
         shutil.rmtree(predictions, ignore_errors=True)
-        _run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(predictions), "-d", str(DATASET_ID),
-              "-c", CONFIGURATION, "-p", PLANS, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"],
-             env, log)
+        run_logged(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(predictions), "-d",
+                    str(DATASET_ID), "-c", CONFIGURATION, "-p", PLANS, "-tr", trainer, "-f", "0", "-device", "cpu",
+                    "-npp", "1", "-nps", "1"], env, log)
         summary = evaluate_folder(predictions, dataset / "labelsTs", [v for v in LABELS.values() if v])
         rows.append({"trainer": trainer, **{name: summary["mean"][str(v)]["Dice"] for name, v in LABELS.items() if v},
                      "mean": summary["foreground_mean"]["Dice"]})

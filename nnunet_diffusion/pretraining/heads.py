@@ -3,7 +3,8 @@
 A head sees the outputs of every decoder stage of the frozen backbone, each upsampled (linear interpolation) to
 the input resolution and concatenated. Its first layer is a 1×1(×1) convolution on that concatenation; because a
 1×1 convolution and linear interpolation commute (interpolation weights sum to 1, so even the bias does), it is
-computed per level before upsampling, which never materialises the full-resolution concatenation.
+computed per level, each level upsampled before or after its projection, whichever has fewer channels; the
+full-resolution concatenation is never materialised.
 
 All parameters live under a `seg_layers` attribute, so that inside a probe network (`head.seg_layers.*`)
 nnU-Net's `load_pretrained_weights` treats them as the new, randomly initialised segmentation layers.
@@ -41,7 +42,14 @@ class MultiScaleProjection(nn.Module):
     def forward(self, levels: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
         if len(levels) != len(self.level_convs):
             raise ValueError(f"expected {len(self.level_convs)} feature levels, got {len(levels)}")
-        return sum(upsample(conv(level), size) for conv, level in zip(self.level_convs, levels))
+        return sum(self._project(conv, level, size) for conv, level in zip(self.level_convs, levels))
+
+    @staticmethod
+    def _project(conv: nn.Module, level: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Upsample whichever is narrower, the level or its projection: the two orders give the same result."""
+        if level.shape[1] < conv.out_channels:
+            return conv(upsample(level, size))
+        return upsample(conv(level), size)
 
 
 class LinearProbeHead(nn.Module):
