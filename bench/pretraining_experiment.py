@@ -9,11 +9,22 @@ Every backbone is frozen and probed with the same point-wise non-linear head on 
 
 The script runs the documented workflow (docs/pretraining.md) with nnU-Net's own tools: it generates a pretraining
 phantom (602) and a labelled probe phantom (601), plans and preprocesses 602, moves its plans to 601 and
-preprocesses 601 with them, derives the cpu_tiny preset in both, trains nnUNetTrainerBPR, the pretraining trainers
-and the probes with nnU-Net's training loop (`get_trainer_from_args`, `maybe_load_checkpoint` with
-`-pretrained_weights`, `run_training`, as nnUNetv2_train runs them, but with shorter schedules), predicts the test
-cases with nnU-Net's predictor and reports Dice per organ-size group (big: liver, spleen, kidneys, stomach;
-medium: aorta, pancreas, gallbladder; small: adrenals). Every training starts from the same seed.
+preprocesses 601 with them, derives the cpu_tiny preset in both, trains nnUNetTrainerBPR and the pretraining
+trainers with nnU-Net's training loop (`get_trainer_from_args`, `maybe_load_checkpoint`, `run_training`, as
+nnUNetv2_train runs them, but with shorter schedules), probes every backbone, predicts the test cases with
+nnU-Net's predictor and reports Dice per organ-size group (big: liver, spleen, kidneys, stomach; medium: aorta,
+pancreas, gallbladder; small: adrenals), as the mean over several probe seeds (head initialisation and sampled
+voxels) with each seed's mean Dice beside it. The BPR and every pretraining start from the same seed.
+
+Two ways to train the probe head, both on the probe trainer's own network (backbone + `NonLinearProbeHead`):
+
+    --probe-with cached   (default) the frozen backbone's multi-scale features are computed once, on 32^3 tiles
+                          (stride 16) of the probe training cases, for a foreground-rich sample of voxels; the
+                          head is trained on them with Adam and cross-entropy. Exact for a frozen backbone except
+                          that nnU-Net's data augmentation is not applied, and minutes instead of hours on a CPU.
+    --probe-with trainer  the probe trainer through nnU-Net's loop with -pretrained_weights, as a user runs it
+                          (Dice + CE, SGD, augmentation). On a 2-core CPU it needs thousands of iterations before
+                          the head leaves the all-background solution (docs/pretraining.md, section 6).
 
     python bench/pretraining_experiment.py --workdir /tmp/pretraining_experiment
     python bench/pretraining_experiment.py --workdir /tmp/pretraining_experiment \
@@ -44,6 +55,7 @@ import torch
 PRETRAIN_ID, PROBE_ID, REAL_CT_ID = 602, 601, 603
 PRESET, PLANS, CONFIGURATION = "cpu_tiny", "nnUNetPlansCPU", "3d_cpu"
 SIZE_GROUPS = ("big", "medium", "small")
+TILE, TILE_STRIDE = 32, 16  # cached probing: the preset's patch size, tiles overlapping by half as in inference
 
 
 @dataclass(frozen=True)
@@ -109,14 +121,14 @@ def seed_everything(seed: int) -> None:
 
 
 def train(dataset_id: int, trainer_name: str, iterations: int, args: argparse.Namespace,
-          pretrained_weights: Path | None = None, final_validation: bool = False) -> Path:
+          pretrained_weights: Path | None = None, final_validation: bool = False, seed: int | None = None) -> Path:
     """nnUNetv2_train's sequence for fold 0, `iterations` split into epochs of --iterations-per-epoch; returns the
     fold folder. Skipped when its checkpoint_final.pth exists. nnU-Net's final validation only on request: the
     probes are scored on the test cases instead, and mirrored sliding windows over the validation cases cost
     more CPU time than a short training."""
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
-    seed_everything(args.seed)
+    seed_everything(args.seed if seed is None else seed)
     trainer = get_trainer_from_args(str(dataset_id), CONFIGURATION, 0, trainer_name, PLANS,
                                     device=torch.device(args.device))
     fold_folder = Path(trainer.output_folder)
@@ -150,9 +162,13 @@ def predict(model_folder: Path, output: Path, device: str) -> None:
     """nnU-Net's predictor (what nnUNetv2_predict runs), fold 0, without test-time mirroring to save time."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    images = Path(os.environ["nnUNet_raw"]) / f"Dataset{PROBE_ID}_Phantom" / "imagesTs"
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
+    predict_test_cases(predictor, output)
+
+
+def predict_test_cases(predictor, output: Path) -> None:
+    images = Path(os.environ["nnUNet_raw"]) / f"Dataset{PROBE_ID}_Phantom" / "imagesTs"
     predictor.predict_from_files(str(images), str(output), save_probabilities=False, overwrite=True,
                                  num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
@@ -176,32 +192,160 @@ def summarise(dice: dict[str, float]) -> dict[str, float]:
     return summary
 
 
+def probe_plans() -> tuple:
+    """Plans manager, configuration manager and dataset.json of the preprocessed probe dataset."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = preprocessed_folder(PROBE_ID)
+    plans_manager = PlansManager(str(folder / f"{PLANS}.json"))
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    return plans_manager, plans_manager.get_configuration(CONFIGURATION), dataset_json
+
+
+def probe_network(backbone: Backbone, weights: Path, seed: int) -> torch.nn.Module:
+    """The probe trainer's network as nnUNetv2_train builds it, the backbone copied in by nnU-Net's
+    `load_pretrained_weights` (what -pretrained_weights does); the head is freshly initialised from `seed`."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    from nnunet_diffusion.pretraining import trainers
+
+    plans_manager, configuration, dataset_json = probe_plans()
+    seed_everything(seed)
+    network = getattr(trainers, backbone.probe_trainer).build_network_architecture(
+        plans_manager, configuration, len(dataset_json["channel_names"]),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
+    load_pretrained_weights(network, str(weights))
+    return network
+
+
+def tile_starts(length: int) -> list[int]:
+    """Start indices of TILE-long windows with stride TILE_STRIDE that cover an axis of `length` (>= TILE)."""
+    if length < TILE:
+        raise ValueError(f"probe cases must be at least {TILE} voxels along every axis; one has {length}")
+    return sorted(set(range(0, length - TILE, TILE_STRIDE)) | {length - TILE})
+
+
+@torch.no_grad()
+def cached_features(network: torch.nn.Module, voxels_per_tile: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen multi-scale features (levels upsampled and concatenated: what the head's first layer reads) and
+    labels of sampled voxels from TILE^3 tiles of every preprocessed probe case; half of each tile's sample is
+    foreground, so that small organs are represented."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_diffusion.pretraining.heads import concatenated_levels
+
+    _, configuration, _ = probe_plans()
+    data_folder = preprocessed_folder(PROBE_ID) / configuration.data_identifier
+    dataset = infer_dataset_class(str(data_folder))(str(data_folder))
+    generator = torch.Generator().manual_seed(seed)
+    network.eval()
+    features, labels = [], []
+    for key in dataset.identifiers:
+        data, seg, _, _ = dataset.load_case(key)
+        image = torch.from_numpy(np.asarray(data)).float()
+        label = torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)  # −1 (outside nnU-Net's crop mask): background
+        for z in tile_starts(image.shape[1]):
+            for y in tile_starts(image.shape[2]):
+                for x in tile_starts(image.shape[3]):
+                    window = (slice(z, z + TILE), slice(y, y + TILE), slice(x, x + TILE))
+                    levels = network.decoder_features(image[(slice(None), *window)][None])
+                    tile = concatenated_levels(levels, (TILE,) * 3).flatten(2)[0]
+                    tile_labels = label[window].flatten()
+                    foreground = torch.nonzero(tile_labels > 0)[:, 0]
+                    chosen = foreground[torch.randperm(len(foreground), generator=generator)[:voxels_per_tile // 2]]
+                    rest = torch.randint(len(tile_labels), (voxels_per_tile - len(chosen),), generator=generator)
+                    chosen = torch.cat([chosen, rest])
+                    features.append(tile[:, chosen].T.clone())
+                    labels.append(tile_labels[chosen])
+    return torch.cat(features), torch.cat(labels)
+
+
+def train_head_on_cached(network: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, seed: int,
+                         args: argparse.Namespace) -> list[float]:
+    """Train the probe's own head on cached voxel features (Adam, cross-entropy)."""
+    from nnunet_diffusion.pretraining.heads import head_on_voxels
+    from nnunet_diffusion.pretraining.network import decoder_level_channels
+
+    head, level_channels = network.head, decoder_level_channels(network.unet)
+    optimizer = torch.optim.Adam(head.parameters(), args.probe_lr)
+    generator = torch.Generator().manual_seed(seed)
+    head.train()
+    losses = []
+    for _ in range(args.probe_iterations):
+        index = torch.randint(len(labels), (args.probe_batch_voxels,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(head_on_voxels(head, features[index], level_channels), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def probe_cached(backbone: Backbone, weights: Path, output: Path, seed: int, args: argparse.Namespace) -> dict:
+    """--probe-with cached: features once, head trained on them, test cases predicted by nnU-Net's predictor.
+    `seed` sets the head's initialisation, the cached voxels and the order of the batches."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    network = probe_network(backbone, weights, seed)
+    features, labels = cached_features(network, args.voxels_per_tile, seed)
+    losses = train_head_on_cached(network, features, labels, seed, args)
+    network.eval()
+    plans_manager, configuration, dataset_json = probe_plans()
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(args.device), allow_tqdm=False)
+    predictor.manual_initialization(network, plans_manager, configuration, [network.state_dict()], dataset_json,
+                                    backbone.probe_trainer, None)
+    predict_test_cases(predictor, output)
+    return {"cached_voxels": len(labels), "head_loss_first_last_100": [float(np.mean(losses[:100])),
+                                                                       float(np.mean(losses[-100:]))]}
+
+
+def probe_with_trainer(backbone: Backbone, weights: Path, output: Path, seed: int, args: argparse.Namespace
+                       ) -> dict:
+    """--probe-with trainer: the probe trainer in nnU-Net's loop with -pretrained_weights, then its model folder."""
+    fold_folder = train(PROBE_ID, backbone.probe_trainer, args.probe_iterations, args, pretrained_weights=weights,
+                        seed=seed)
+    predict(fold_folder.parent, output, args.device)
+    shutil.move(str(fold_folder.parent), output.parent / f"model_seed{seed}")  # probes of a class share a folder
+    return {}
+
+
+def pretrained_weights(workdir: Path, backbone: Backbone, args: argparse.Namespace) -> Path:
+    """The backbone's pretraining checkpoint (trained here unless it exists); random init: a fresh network."""
+    if backbone.pretraining_trainer is None:
+        return random_init_checkpoint(workdir, "nnUNetTrainerDiffPretrain")
+    print(f"pretraining {backbone.pretraining_trainer}", flush=True)
+    return train(PRETRAIN_ID, backbone.pretraining_trainer, args.pretrain_iterations, args) / "checkpoint_final.pth"
+
+
 def probe_backbone(workdir: Path, backbone: Backbone, bpr_checkpoint: Path, args: argparse.Namespace) -> dict:
-    """Pretrain (unless random init), probe on the frozen backbone, predict and score; one result row."""
+    """Pretrain (unless random init), probe the frozen backbone once per probe seed, predict and score; one row
+    with the means over the seeds and the spread of the mean Dice."""
     from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
 
+    os.environ[BPR_CHECKPOINT_VARIABLE] = str(bpr_checkpoint)
     key = backbone.pretraining_trainer or "random_init"
-    kept = workdir / "probes" / key  # probes of one class share nnU-Net's model folder: each is moved here
-    started = time.time()
-    if not (kept / "predictions").is_dir():
-        os.environ[BPR_CHECKPOINT_VARIABLE] = str(bpr_checkpoint)
-        if backbone.pretraining_trainer is None:
-            weights = random_init_checkpoint(workdir, "nnUNetTrainerDiffPretrain")
-        else:
-            print(f"pretraining {backbone.pretraining_trainer}", flush=True)
-            weights = train(PRETRAIN_ID, backbone.pretraining_trainer, args.pretrain_iterations, args) \
-                / "checkpoint_final.pth"
-        print(f"probing {key} with {backbone.probe_trainer}", flush=True)
-        fold_folder = train(PROBE_ID, backbone.probe_trainer, args.probe_iterations, args, pretrained_weights=weights)
-        predict(fold_folder.parent, workdir / "predictions_tmp", args.device)
-        shutil.rmtree(kept, ignore_errors=True)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(fold_folder.parent), kept)
-        shutil.move(str(workdir / "predictions_tmp"), kept / "predictions")
-    dice = dice_by_organ(kept / "predictions")
-    return {"backbone": backbone.label, "T": backbone.timesteps, "pretraining": key,
-            "probe": backbone.probe_trainer, **summarise(dice), "dice_per_organ": dice,
-            "seconds": round(time.time() - started)}
+    kept = workdir / f"probes_{args.probe_with}" / key
+    kept.mkdir(parents=True, exist_ok=True)
+    weights, per_seed = None, []
+    for seed in args.probe_seeds:
+        predictions, record = kept / f"predictions_seed{seed}", kept / f"probing_seed{seed}.json"
+        if not predictions.is_dir():
+            weights = weights or pretrained_weights(workdir, backbone, args)
+            print(f"probing {key} with {backbone.probe_trainer} ({args.probe_with}, seed {seed})", flush=True)
+            started, unfinished = time.time(), kept / "predictions_tmp"
+            shutil.rmtree(unfinished, ignore_errors=True)
+            probing = PROBE_MODES[args.probe_with](backbone, weights, unfinished, seed, args)
+            record.write_text(json.dumps({**probing, "seconds": round(time.time() - started)}))
+            shutil.move(str(unfinished), predictions)
+        dice = dice_by_organ(predictions)
+        per_seed.append({"seed": seed, **summarise(dice), "dice_per_organ": dice,
+                         "probing": json.loads(record.read_text())})
+    organs = per_seed[0]["dice_per_organ"]
+    means = {name: float(np.mean([run[name] for run in per_seed])) for name in ("mean", *SIZE_GROUPS)}
+    return {"backbone": backbone.label, "T": backbone.timesteps, "pretraining": key, "probe": backbone.probe_trainer,
+            **means, "mean_per_seed": [run["mean"] for run in per_seed],
+            "dice_per_organ": {organ: float(np.mean([run["dice_per_organ"][organ] for run in per_seed]))
+                               for organ in organs}, "per_seed": per_seed}
 
 
 def bpr_ordering(fold_folder: Path) -> dict[str, float]:
@@ -237,11 +381,16 @@ def real_ct_ordering(workdir: Path, ct_files: list[Path], bpr_checkpoint: Path) 
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| backbone (frozen) | T | probe | mean Dice | big | medium | small |", "|---|---|---|---|---|---|---|"]
+    lines = ["| backbone (frozen) | T | probe | mean Dice | big | medium | small | mean Dice per probe seed |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        seeds = " / ".join(f"{dice:.3f}" for dice in row["mean_per_seed"])
         lines.append(f"| {row['backbone']} | {row['T'] or '—'} | {row['probe']} | {row['mean']:.3f} | "
-                     f"{row['big']:.3f} | {row['medium']:.3f} | {row['small']:.3f} |")
+                     f"{row['big']:.3f} | {row['medium']:.3f} | {row['small']:.3f} | {seeds} |")
     return "\n".join(lines)
+
+
+PROBE_MODES = {"cached": probe_cached, "trainer": probe_with_trainer}
 
 
 def main() -> None:
@@ -251,10 +400,18 @@ def main() -> None:
     parser.add_argument("--probe-cases", type=int, default=10, help="labelled phantom cases for the probes")
     parser.add_argument("--test-cases", type=int, default=4, help="held-out labelled cases")
     parser.add_argument("--bpr-iterations", type=int, default=600)
-    parser.add_argument("--pretrain-iterations", type=int, default=300)
-    parser.add_argument("--probe-iterations", type=int, default=200)
+    parser.add_argument("--pretrain-iterations", type=int, default=1000)
+    parser.add_argument("--probe-with", choices=tuple(PROBE_MODES), default="cached",
+                        help="train the probe head on cached frozen features or with the probe trainer")
+    parser.add_argument("--probe-iterations", type=int, default=3000,
+                        help="head training steps (cached) or nnU-Net training iterations (trainer)")
+    parser.add_argument("--probe-lr", type=float, default=3e-3, help="Adam learning rate (cached probing)")
+    parser.add_argument("--probe-batch-voxels", type=int, default=8192, help="voxels per step (cached probing)")
+    parser.add_argument("--voxels-per-tile", type=int, default=2048, help="voxels cached per tile (cached probing)")
     parser.add_argument("--iterations-per-epoch", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0, help="every training starts from this seed")
+    parser.add_argument("--seed", type=int, default=0, help="the BPR and every pretraining start from this seed")
+    parser.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1],
+                        help="each backbone is probed once per seed; the table gives the means and each seed's")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--real-ct", type=Path, nargs="*", default=[],
                         help="real CT files (.nii.gz) on which to measure the phantom-trained BPR's ordering")

@@ -11,7 +11,8 @@ import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
 from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
-from nnunet_diffusion.pretraining.heads import LinearProbeHead, NonLinearProbeHead, upsample
+from nnunet_diffusion.pretraining.heads import (LinearProbeHead, NonLinearProbeHead, concatenated_levels,
+                                                head_on_voxels, upsample)
 from nnunet_diffusion.pretraining.trainers import (PRETRAINING_TRAINERS, PROBE_TRAINERS, nnUNetTrainerDiffPretrain,
                                                    nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinearBPR,
                                                    nnUNetTrainerRestorePretrain)
@@ -80,6 +81,19 @@ def test_nonlinear_head_is_pointwise_and_not_linear():
     doubled = head([2 * level for level in levels], (8, 8, 8))
     bias_only = head([0 * level for level in levels], (8, 8, 8))
     assert not torch.allclose(doubled - bias_only, 2 * (out - bias_only), atol=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_head_on_cached_voxel_features_gives_the_logits_of_those_voxels_in_the_volume(ndim):
+    """bench/pretraining_experiment.py trains heads on cached features: the same head, the same logits."""
+    torch.manual_seed(0)
+    size = (8,) * ndim
+    levels = [torch.randn(2, 6, *(4,) * ndim), torch.randn(2, 3, *size)]
+    head = NonLinearProbeHead([6, 3], num_classes=4, ndim=ndim, hidden_channels=(8, 5))
+    features = concatenated_levels(levels, size).movedim(1, -1).reshape(-1, 9)
+    voxels = torch.tensor([0, 5, 77, 2 * 8 ** ndim - 1])
+    expected = head(levels, size).movedim(1, -1).reshape(-1, 4)[voxels]
+    assert torch.allclose(head_on_voxels(head, features[voxels], [6, 3]), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("probe_class", PROBE_TRAINERS, ids=lambda c: c.__name__)

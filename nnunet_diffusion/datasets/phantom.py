@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-from nnunet_diffusion.datasets.staging import check_dataset_name, staged_dataset
+from nnunet_diffusion.datasets.staging import (add_raw_root_argument, check_dataset_name, raw_root_argument,
+                                               staged_dataset)
 
 LABELS: dict[str, int] = {
     "background": 0,
@@ -264,7 +264,7 @@ def generate_phantom_dataset(raw_root: str | Path, dataset_id: int = 601, name: 
 def main(argv: list[str] | None = None) -> int:
     """`nnunet-diffusion phantom`: write the phantom dataset into nnUNet_raw (or --raw-root)."""
     parser = argparse.ArgumentParser(prog="nnunet-diffusion phantom", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--raw-root", help="nnU-Net raw folder (default: the nnUNet_raw environment variable)")
+    add_raw_root_argument(parser)
     parser.add_argument("--dataset-id", type=int, default=601)
     parser.add_argument("--name", default="Phantom")
     parser.add_argument("--num-train", type=int, default=16)
@@ -272,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing dataset folder of the same name")
     args = parser.parse_args(argv)
-    raw_root = args.raw_root or os.environ.get("nnUNet_raw")
-    if not raw_root:
-        parser.error("no output folder: pass --raw-root or set the nnUNet_raw environment variable")
+    raw_root = raw_root_argument(parser, args)
     try:
         folder = generate_phantom_dataset(raw_root, args.dataset_id, args.name, args.num_train, args.num_test,
                                           args.seed, overwrite=args.force)

@@ -5,6 +5,8 @@ failed or killed run never leaves a half-written `Dataset<id>_<name>` that nnU-N
 """
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import shutil
 import tempfile
@@ -12,6 +14,18 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def add_raw_root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw-root", help="nnU-Net raw folder (default: the nnUNet_raw environment variable)")
+
+
+def raw_root_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """--raw-root, else nnUNet_raw, where nnU-Net's commands will look for the dataset; a usage error if neither."""
+    raw_root = args.raw_root or os.environ.get("nnUNet_raw")
+    if not raw_root:
+        parser.error("no output folder: pass --raw-root or set the nnUNet_raw environment variable")
+    return raw_root
 
 
 def check_free_dataset_id(raw_root: Path, dataset_id: int, folder_name: str) -> None:

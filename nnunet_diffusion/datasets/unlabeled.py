@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import binary_fill_holes
 
-from nnunet_diffusion.datasets.staging import check_dataset_name, staged_dataset
+from nnunet_diffusion.datasets.staging import (add_raw_root_argument, check_dataset_name, raw_root_argument,
+                                               staged_dataset)
 
 IMAGE_FILE_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 CT_BODY_THRESHOLD_HU = -500.0
@@ -134,12 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--channel-name", default="CT",
                         help="nnU-Net channel name; 'CT' selects nnU-Net's CT normalisation (default: CT)")
-    parser.add_argument("--raw-root", help="nnU-Net raw folder (default: the nnUNet_raw environment variable)")
+    add_raw_root_argument(parser)
     parser.add_argument("--force", action="store_true", help="replace an existing dataset folder of the same name")
     args = parser.parse_args(argv)
-    raw_root = args.raw_root or os.environ.get("nnUNet_raw")
-    if not raw_root:
-        parser.error("no output folder: pass --raw-root or set the nnUNet_raw environment variable")
+    raw_root = raw_root_argument(parser, args)
     try:
         folder = images_to_dataset(args.image_folder, raw_root, args.dataset_id, args.name, args.channel_name,
                                    overwrite=args.force)

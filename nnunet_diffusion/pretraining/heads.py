@@ -31,6 +31,23 @@ def upsample(features: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(features, size=tuple(size), mode=INTERPOLATION_MODES[features.ndim - 2], align_corners=False)
 
 
+def concatenated_levels(levels: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    """The levels upsampled to `size` and concatenated: the per-voxel features a head reads (for caching them)."""
+    return torch.cat([upsample(level, size) for level in levels], dim=1)
+
+
+def head_on_voxels(head: nn.Module, voxel_features: torch.Tensor, level_channels: Sequence[int]) -> torch.Tensor:
+    """Logits (N, classes) of a probe head for N voxels' concatenated features (N, sum(level_channels)).
+
+    The voxels are laid out as a (1, channels, N, 1, …) volume, so the head's 1×1 convolutions apply unchanged and
+    the same head can be trained on cached features of a frozen backbone, then used inside the probe network.
+    """
+    ndim = next(head.parameters()).ndim - 2
+    volume = voxel_features.T.reshape(1, voxel_features.shape[1], len(voxel_features), *([1] * (ndim - 1)))
+    logits = head(torch.split(volume, list(level_channels), dim=1), volume.shape[2:])
+    return logits.reshape(logits.shape[1], -1).T
+
+
 class MultiScaleProjection(nn.Module):
     """1×1 convolution of the upsampled, concatenated levels, computed per level (one bias for all levels)."""
 
