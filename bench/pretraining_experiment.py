@@ -202,14 +202,14 @@ def probe_plans() -> tuple:
     return plans_manager, plans_manager.get_configuration(CONFIGURATION), dataset_json
 
 
-def probe_network(backbone: Backbone, weights: Path, seed: int) -> torch.nn.Module:
+def probe_network(backbone: Backbone, weights: Path, plans: tuple, seed: int) -> torch.nn.Module:
     """The probe trainer's network as nnUNetv2_train builds it, the backbone copied in by nnU-Net's
     `load_pretrained_weights` (what -pretrained_weights does); the head is freshly initialised from `seed`."""
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
     from nnunet_diffusion.pretraining import trainers
 
-    plans_manager, configuration, dataset_json = probe_plans()
+    plans_manager, configuration, dataset_json = plans
     seed_everything(seed)
     network = getattr(trainers, backbone.probe_trainer).build_network_architecture(
         plans_manager, configuration, len(dataset_json["channel_names"]),
@@ -226,7 +226,8 @@ def tile_starts(length: int) -> list[int]:
 
 
 @torch.no_grad()
-def cached_features(network: torch.nn.Module, voxels_per_tile: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_features(network: torch.nn.Module, data_identifier: str, voxels_per_tile: int, seed: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen multi-scale features (levels upsampled and concatenated: what the head's first layer reads) and
     labels of sampled voxels from TILE^3 tiles of every preprocessed probe case; half of each tile's sample is
     foreground, so that small organs are represented."""
@@ -234,8 +235,7 @@ def cached_features(network: torch.nn.Module, voxels_per_tile: int, seed: int) -
 
     from nnunet_diffusion.pretraining.heads import concatenated_levels
 
-    _, configuration, _ = probe_plans()
-    data_folder = preprocessed_folder(PROBE_ID) / configuration.data_identifier
+    data_folder = preprocessed_folder(PROBE_ID) / data_identifier
     dataset = infer_dataset_class(str(data_folder))(str(data_folder))
     generator = torch.Generator().manual_seed(seed)
     network.eval()
@@ -243,7 +243,7 @@ def cached_features(network: torch.nn.Module, voxels_per_tile: int, seed: int) -
     for key in dataset.identifiers:
         data, seg, _, _ = dataset.load_case(key)
         image = torch.from_numpy(np.asarray(data)).float()
-        label = torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)  # −1 (outside nnU-Net's crop mask): background
+        label = torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)  # −1, outside the crop mask: background
         for z in tile_starts(image.shape[1]):
             for y in tile_starts(image.shape[2]):
                 for x in tile_starts(image.shape[3]):
@@ -286,11 +286,11 @@ def probe_cached(backbone: Backbone, weights: Path, output: Path, seed: int, arg
     `seed` sets the head's initialisation, the cached voxels and the order of the batches."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    network = probe_network(backbone, weights, seed)
-    features, labels = cached_features(network, args.voxels_per_tile, seed)
+    plans_manager, configuration, dataset_json = plans = probe_plans()
+    network = probe_network(backbone, weights, plans, seed)
+    features, labels = cached_features(network, configuration.data_identifier, args.voxels_per_tile, seed)
     losses = train_head_on_cached(network, features, labels, seed, args)
     network.eval()
-    plans_manager, configuration, dataset_json = probe_plans()
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(args.device), allow_tqdm=False)
     predictor.manual_initialization(network, plans_manager, configuration, [network.state_dict()], dataset_json,
                                     backbone.probe_trainer, None)
@@ -330,7 +330,8 @@ def probe_backbone(workdir: Path, backbone: Backbone, bpr_checkpoint: Path, args
     for seed in args.probe_seeds:
         predictions, record = kept / f"predictions_seed{seed}", kept / f"probing_seed{seed}.json"
         if not predictions.is_dir():
-            weights = weights or pretrained_weights(workdir, backbone, args)
+            if weights is None:
+                weights = pretrained_weights(workdir, backbone, args)
             print(f"probing {key} with {backbone.probe_trainer} ({args.probe_with}, seed {seed})", flush=True)
             started, unfinished = time.time(), kept / "predictions_tmp"
             shutil.rmtree(unfinished, ignore_errors=True)
