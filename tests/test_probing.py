@@ -12,7 +12,7 @@ from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
 from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
 from nnunet_diffusion.pretraining.heads import (LinearProbeHead, NonLinearProbeHead, concatenated_levels,
-                                                head_on_voxels, upsample)
+                                                head_on_voxels)
 from nnunet_diffusion.pretraining.trainers import (PRETRAINING_TRAINERS, PROBE_TRAINERS, nnUNetTrainerDiffPretrain,
                                                    nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinearBPR,
                                                    nnUNetTrainerRestorePretrain)
@@ -65,7 +65,7 @@ def test_linear_head_is_a_1x1_convolution_of_the_upsampled_concatenated_levels()
     head = LinearProbeHead([6, 3, 2], num_classes=4, ndim=3)
     convs = head.seg_layers.level_convs
     weight = torch.cat([conv.weight for conv in convs], dim=1)
-    concatenated = torch.cat([upsample(level, (16, 16, 16)) for level in levels], dim=1)
+    concatenated = concatenated_levels(levels, (16, 16, 16))
     expected = torch.nn.functional.conv3d(concatenated, weight, convs[0].bias)
     assert torch.allclose(head(levels, (16, 16, 16)), expected, atol=1e-5)
 
