@@ -11,7 +11,11 @@ import torch
 from nnunet_runs import CONFIGURATION, PLANS, mean_dice, predict, run, train_in_process
 
 TRAINER = "nnUNetTrainerDiffRecycle_1epoch"
-LEARNED_DICE = 0.6  # mean foreground Dice on held-out cases that training must reach and an untrained net misses
+# Mean foreground Dice on the held-out cases that training must reach and an untrained network misses. Training is
+# not seeded (nnU-Net's is not), so the threshold leaves room for its spread: 250 iterations gave 0.85-0.92 in 20
+# runs on a 2-core machine, and 0.48 once in CI. An untrained network scores about 0.06 and cannot much exceed 0.1
+# (a mask of all one class scores 2p/(1+p) for an organ of volume fraction p <= 0.05).
+LEARNED_DICE = 0.3
 
 
 @pytest.fixture(scope="module")
