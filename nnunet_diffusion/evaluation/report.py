@@ -46,7 +46,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
 def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_png: str | Path) -> Path:
     """One line per trainer against sampling step 1..K (e.g. Dice vs step, max ΔDice across seeds vs step).
 
-    Uses the Agg canvas directly, so no display is needed and no global matplotlib backend is changed.
+    Uses the Agg canvas directly, so no display is needed and no global matplotlib backend is changed. The legend sits beside
+    the axes and the canvas grows to fit it (a tight bounding box; tight_layout gave up, with a warning, on long
+    labels), so trainer names never hide the curves.
     """
     if not curves:
         raise ValueError("no curves to plot; pass {trainer name: [value per step]}")
@@ -63,10 +65,9 @@ def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_
     axes.set_ylabel(ylabel)
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # beside the axes: names are long
     out_png = _prepare(out_png)
-    figure.savefig(out_png, format="png")
+    figure.savefig(out_png, format="png", bbox_inches="tight")
     return out_png
 
 
