@@ -46,9 +46,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
 def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_png: str | Path) -> Path:
     """One line per trainer against sampling step 1..K (e.g. Dice vs step, max ΔDice across seeds vs step).
 
-    Uses the Agg canvas directly, so no display is needed and no global matplotlib backend is changed. The legend sits beside
-    the axes and the canvas grows to fit it (a tight bounding box; tight_layout gave up, with a warning, on long
-    labels), so trainer names never hide the curves.
+    Uses the Agg canvas directly, so no display is needed and no global matplotlib backend is changed. The legend
+    sits beside the axes and the canvas grows to fit it (a tight bounding box; tight_layout gave up, with a warning,
+    on long labels), so trainer names never hide the curves.
     """
     if not curves:
         raise ValueError("no curves to plot; pass {trainer name: [value per step]}")
