@@ -24,7 +24,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.environment import EXT_TRAINER_VARIABLE, ext_trainer_value
-from nnunet_diffusion.plans import available_presets, load_preset, write_preset_plans
+from nnunet_diffusion.plans import available_presets, derived_plans_name, load_preset, write_preset_plans
 
 SYNTHETIC_ID = 990
 SYNTHETIC_NAME = "DiffusionDemo"
@@ -128,7 +128,7 @@ def _with_plans(dataset: str, preprocessed: Path, preset: str | None, args: argp
     if preset is not None:
         write_preset_plans(preprocessed, preset)
         values = load_preset(preset)
-        plans, configuration = values["plans_name"], values["configuration"]
+        plans, configuration = derived_plans_name(plans, values), values["configuration"]
     return Workspace(dataset, args.plans or plans, args.configuration or configuration, preprocessed, generated)
 
 

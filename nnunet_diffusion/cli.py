@@ -38,13 +38,19 @@ def plans_main(argv: list[str]) -> int:
     parser.add_argument("dataset", help="dataset id or name, e.g. 990 or Dataset990_DiffusionDemo")
     parser.add_argument("--preset", default="cpu_tiny", choices=available_presets())
     parser.add_argument("--source-plans", default="nnUNetPlans", help="plans identifier to derive from")
+    parser.add_argument("--plans-name", help="identifier of the written plans (default: the source's + the "
+                        "preset's suffix, e.g. nnUNetPlansCPU)")
+    parser.add_argument("--force", action="store_true", help="replace an existing plans file that conflicts")
     args = parser.parse_args(argv)
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     if not nnUNet_preprocessed:
         raise SystemExit("nnUNet_preprocessed is not set; export it as for nnUNetv2_train")
     folder = f"{nnUNet_preprocessed}/{maybe_convert_to_dataset_name(args.dataset)}"
-    print(write_preset_plans(folder, args.preset, args.source_plans))
+    try:
+        print(write_preset_plans(folder, args.preset, args.source_plans, args.plans_name, args.force))
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"nnunet-diffusion plans: {error}") from None
     return 0
 
 

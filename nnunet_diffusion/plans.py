@@ -24,8 +24,9 @@ def load_preset(name: str) -> dict:
     return json.loads(resources.files("nnunet_diffusion_presets").joinpath(f"{name}.json").read_text())
 
 
-def derive_plans(plans: dict, preset: dict) -> dict:
-    """A copy of `plans` named `preset['plans_name']` with one extra configuration built from the preset."""
+def derive_plans(plans: dict, preset: dict, plans_name: str | None = None) -> dict:
+    """A copy of `plans` named `plans_name` (default: the source's name + the preset's suffix, e.g.
+    nnUNetPlans → nnUNetPlansCPU) with one extra configuration built from the preset."""
     parent_name = preset["inherits_from"]
     if parent_name not in plans["configurations"]:
         raise ValueError(f"the plans have no configuration {parent_name!r} to inherit from "
@@ -49,21 +50,57 @@ def derive_plans(plans: dict, preset: dict) -> dict:
     kwargs["features_per_stage"] = [min(preset["base_features"] * 2 ** i, preset["max_features"])
                                      for i in range(kwargs["n_stages"])]
     derived = copy.deepcopy(plans)
-    derived["plans_name"] = preset["plans_name"]
+    derived["plans_name"] = plans_name or derived_plans_name(plans["plans_name"], preset)
     derived["configurations"][preset["configuration"]] = {
         "inherits_from": parent_name, "patch_size": patch, "batch_size": preset["batch_size"],
         "architecture": architecture}
     return derived
 
 
+def derived_plans_name(source_plans: str, preset: dict) -> str:
+    """The plans identifier a preset writes by default: the source's with the preset's suffix."""
+    return f"{source_plans}{preset['plans_suffix']}"
+
+
+def merge_into_existing(existing: dict, derived: dict, configuration: str, target: Path) -> dict:
+    """`existing` with the derived configuration added, when both come from the same source plans; otherwise
+    an error, so that plans (and the results folders named after them) are never silently replaced."""
+    def without_configurations(plans: dict) -> dict:
+        return {k: v for k, v in plans.items() if k != "configurations"}
+
+    source_configurations = {k: v for k, v in derived["configurations"].items() if k != configuration}
+    same_source = without_configurations(existing) == without_configurations(derived) and \
+        all(existing["configurations"].get(k) == v for k, v in source_configurations.items())
+    ours = derived["configurations"][configuration]
+    if same_source and existing["configurations"].get(configuration, ours) == ours:
+        merged = copy.deepcopy(existing)
+        merged["configurations"][configuration] = ours
+        return merged
+    raise FileExistsError(f"{target} exists and differs from what this preset derives (other source plans, or "
+                          f"another {configuration!r}); pass --force to replace it, or --plans-name NAME to write "
+                          f"new plans beside it")
+
+
 def write_preset_plans(preprocessed_dataset_folder: str | Path, preset_name: str,
-                       source_plans: str = "nnUNetPlans") -> Path:
-    """Write `<plans_name>.json` next to `<source_plans>.json` in a preprocessed dataset folder."""
+                       source_plans: str = "nnUNetPlans", plans_name: str | None = None, force: bool = False) -> Path:
+    """Write `<plans_name>.json` next to `<source_plans>.json` in a preprocessed dataset folder.
+
+    An existing file of that name keeps its other configurations (presets of the same source add up, e.g.
+    3d_cpu and 2d_cpu in nnUNetPlansCPU); a conflicting one is replaced only with `force`.
+    """
     folder = Path(preprocessed_dataset_folder)
     source = folder / f"{source_plans}.json"
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist; run nnUNetv2_plan_and_preprocess for this dataset first")
     preset = load_preset(preset_name)
-    target = folder / f"{preset['plans_name']}.json"
-    target.write_text(json.dumps(derive_plans(json.loads(source.read_text()), preset), indent=2))
+    plans_name = plans_name or derived_plans_name(source_plans, preset)
+    if plans_name == source_plans:
+        raise ValueError(f"--plans-name {plans_name} would overwrite the source plans; choose another name")
+    target = folder / f"{plans_name}.json"
+    derived = derive_plans(json.loads(source.read_text()), preset, plans_name)
+    if target.is_file() and not force:
+        derived = merge_into_existing(json.loads(target.read_text()), derived, preset["configuration"], target)
+    partial = target.with_suffix(".json.partial")
+    partial.write_text(json.dumps(derived, indent=2))
+    partial.replace(target)
     return target

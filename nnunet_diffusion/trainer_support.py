@@ -1,5 +1,9 @@
-"""Helpers shared by the plugin's trainers: unwrapping DDP/compile, optimiser steps, checkpoint checks."""
+"""Helpers shared by the plugin's trainers: unwrapping DDP/compile, optimiser steps, checkpoint checks, the
+per-timestep loss log."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,3 +68,33 @@ def ensure_checkpoint_fits(trainer, checkpoint: dict, source: str) -> None:
         raise RuntimeError(
             f"{source} was written by {written_by} and does not fit {type(trainer).__name__} "
             f"(first mismatches: {'; '.join(problems)}). Use the trainer that wrote it: -tr {written_by}")
+
+
+class TimestepLossLog:
+    """Training loss per diffusion timestep, one entry per epoch, kept as `loss_per_timestep.json` beside
+    nnU-Net's progress.png (nnU-Net's logger takes only its own keys). Entries of epochs at or after the current
+    one are dropped on write, so a resumed training continues the file."""
+    file_name = "loss_per_timestep.json"
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = [0.0] * self.num_timesteps
+        self.counts = [0] * self.num_timesteps
+
+    def add(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        for step, loss in zip(t.tolist(), losses.detach().float().cpu().tolist()):
+            self.sums[step] += loss
+            self.counts[step] += 1
+
+    def write(self, folder: str | Path, epoch: int) -> Path:
+        path = Path(folder) / self.file_name
+        previous = json.loads(path.read_text())["epochs"] if path.is_file() else []
+        entry = {"epoch": epoch, "samples": self.counts,
+                 "loss": [s / c if c else None for s, c in zip(self.sums, self.counts)]}
+        epochs = [e for e in previous if e["epoch"] < epoch] + [entry]
+        path.write_text(json.dumps({"num_timesteps": self.num_timesteps, "epochs": epochs}, indent=1))
+        self.reset()
+        return path

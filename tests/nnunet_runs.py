@@ -8,10 +8,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from nnunet_diffusion.datasets.synthetic import LABELS, generate_synthetic_dataset
 from nnunet_diffusion.plans import write_preset_plans
+from nnunet_diffusion.runs import TrainingBudget, train_model
 
 PLANS = "nnUNetPlansCPU"
 CONFIGURATION = "3d_cpu"
@@ -77,25 +76,17 @@ def model_folder(dataset: Dataset, trainer: str) -> Path:
 def train_in_process(dataset: Dataset, trainer_name: str, iterations: int = 2, epochs: int = 1, fold: int = 0,
                      validate: bool = False):
     """Train a trainer found by nnU-Net's own lookup, with nnU-Net's own loop, for a few iterations."""
-    from nnunetv2.run.run_training import get_trainer_from_args
     shutil.rmtree(model_folder(dataset, trainer_name) / f"fold_{fold}", ignore_errors=True)
     previous = os.environ.get("nnUNet_n_proc_DA")
     os.environ["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation: no worker start-up per test
     try:
-        trainer = get_trainer_from_args(str(dataset.dataset_id), CONFIGURATION, fold, trainer_name, PLANS,
-                                        device=torch.device("cpu"))
-        trainer.num_iterations_per_epoch = iterations
-        trainer.num_val_iterations_per_epoch = 1
-        trainer.num_epochs = epochs
-        trainer.run_training()
-        if validate:
-            trainer.perform_actual_validation(False)
+        return train_model(str(dataset.dataset_id), CONFIGURATION, fold, trainer_name, PLANS,
+                           TrainingBudget(epochs, iterations, 1), validate=validate)
     finally:
         if previous is None:
             os.environ.pop("nnUNet_n_proc_DA")
         else:
             os.environ["nnUNet_n_proc_DA"] = previous
-    return trainer
 
 
 def _predict_command(dataset: Dataset, trainer: str, output: Path, inputs: Path | None, fold: str,

@@ -8,6 +8,12 @@ import torch
 ACTIVATIONS = ("softmax", "sigmoid")
 
 
+def full_resolution(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The full-resolution logits of a network output: with deep supervision nnU-Net's UNets return a list,
+    highest resolution first."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
 def noisy_mask_to_input(x_t: torch.Tensor) -> torch.Tensor:
     """What the network sees of a noisy mask: clipped to [−1, 1] and mapped to [0, 1] (as in ImgX-DiffSeg)."""
     return (x_t.clamp(-1, 1) + 1) / 2
@@ -44,10 +50,11 @@ class MaskCodec:
         x0 = torch.full((labels.shape[0], self.num_channels, *labels.shape[1:]), -1.0, device=labels.device)
         return x0.scatter_(1, labels.unsqueeze(1), 1.0)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
+    def probabilities(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        logits = full_resolution(logits).float()
         return torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)
 
-    def decode(self, logits: torch.Tensor) -> torch.Tensor:
-        """Network logits → soft x̂0 in [−1, 1] (probabilities, not argmax: recycling feeds soft masks)."""
+    def decode(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Network logits (full resolution) → soft x̂0 in [−1, 1] (probabilities, not argmax: recycling feeds soft
+        masks)."""
         return self.probabilities(logits) * 2 - 1

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from nnunet_diffusion.core.masks import MaskCodec, noisy_mask_to_input
+from nnunet_diffusion.core.masks import MaskCodec, full_resolution, noisy_mask_to_input
 from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
 
@@ -179,8 +179,9 @@ class DiffusionSegmentationNetwork(nn.Module):
             head.requires_grad_(enabled)
 
     def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                self_condition: torch.Tensor | None = None) -> torch.Tensor:
-        """One network evaluation: x0 logits for the noisy mask x_t at timesteps t (one per sample)."""
+                self_condition: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """One network evaluation: x0 logits for the noisy mask x_t at timesteps t (one per sample); with deep
+        supervision on, nnU-Net's list of logits at every decoder resolution."""
         inputs = [image, noisy_mask_to_input(x_t).to(image.dtype)]
         if self.self_conditioning:
             inputs.append(torch.zeros_like(inputs[1]) if self_condition is None else self_condition.to(image.dtype))
@@ -203,7 +204,10 @@ class DiffusionSegmentationNetwork(nn.Module):
         if not torch.isfinite(image).all():
             raise ValueError("the image holds NaN or inf voxels after nnU-Net's preprocessing, so every sampled "
                              "probability would be NaN; replace them in the input image (e.g. numpy.nan_to_num)")
-        return self.sample(image, SamplerSettings.from_environment(self.num_timesteps))
+        logits = self.sample(image, SamplerSettings.from_environment(self.num_timesteps))
+        # with deep supervision on (nnU-Net's validation during training) the caller expects a list, full
+        # resolution first; sampling produces only that one
+        return [logits] if self.unet.decoder.deep_supervision else logits
 
     def sample(self, image: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
         """Run the sampler from pure noise and return the last step's x0 logits (B, C, *spatial)."""
@@ -224,7 +228,7 @@ class DiffusionSegmentationNetwork(nn.Module):
         for t in timesteps.tolist():
             condition = noisy_mask_to_input(previous_x0) if previous_x0 is not None else None
             logits = self.denoise(image, x_t, torch.full((image.shape[0],), t, device=image.device), condition)
-            logits = logits.float()
+            logits = full_resolution(logits).float()
             x0 = self.codec.decode(logits)
             yield logits
             if settings.early_exit_tolerance is not None and previous_x0 is not None and \

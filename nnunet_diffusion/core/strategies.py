@@ -14,6 +14,7 @@ import torch
 
 from nnunet_diffusion.core.masks import MaskCodec, noisy_mask_to_input
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
+from nnunet_diffusion.core.timesteps import TimestepSampler
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -24,26 +25,29 @@ class FinalPass:
     x_t: torch.Tensor
     t: torch.Tensor
     self_condition: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # per-sample loss weights of importance-sampled t (None: all 1)
 
 
 class TrainingStrategy(ABC):
     needs_self_condition_channels = False
     min_timesteps = 1
 
-    def __init__(self, scheduler: DiffusionScheduler, codec: MaskCodec):
+    def __init__(self, scheduler: DiffusionScheduler, codec: MaskCodec,
+                 timestep_sampler: TimestepSampler | None = None):
         if scheduler.num_train_timesteps < self.min_timesteps:
             raise ValueError(f"{type(self).__name__} needs at least {self.min_timesteps} diffusion timesteps, the "
                              f"schedule has {scheduler.num_train_timesteps}; raise num_timesteps")
         self.scheduler = scheduler
         self.codec = codec
+        self.timestep_sampler = timestep_sampler or TimestepSampler(scheduler.num_train_timesteps)
 
     @property
     def T(self) -> int:
         return self.scheduler.num_train_timesteps
 
-    def _timesteps(self, x0: torch.Tensor, high: int) -> torch.Tensor:
-        """One timestep per sample, uniform in [0, high)."""
-        return torch.randint(0, high, (x0.shape[0],), device=x0.device)
+    def _timesteps(self, x0: torch.Tensor, high: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One timestep per sample in [0, high) from the timestep sampler, with its loss weights."""
+        return self.timestep_sampler.sample(x0.shape[0], high, x0.device)
 
     def _noised(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, torch.randn_like(x0), t)
@@ -63,8 +67,8 @@ class PlainDiffusion(TrainingStrategy):
     """'Diff.': noise the ground truth at a random t and predict x0."""
 
     def final_pass(self, x0, denoise):
-        t = self._timesteps(x0, self.T)
-        return FinalPass(self._noised(x0, t), t)
+        t, weight = self._timesteps(x0, self.T)
+        return FinalPass(self._noised(x0, t), t, weight=weight)
 
 
 class SelfConditioning(TrainingStrategy):
@@ -78,9 +82,9 @@ class SelfConditioning(TrainingStrategy):
         return noisy_mask_to_input(x0_hat) * keep.reshape(-1, *([1] * (x0_hat.ndim - 1)))
 
     def final_pass(self, x0, denoise):
-        t = self._timesteps(x0, self.T)
+        t, weight = self._timesteps(x0, self.T)
         x_t = self._noised(x0, t)
-        return FinalPass(x_t, t, self._condition(self._predict_x0(denoise, x_t, t)))
+        return FinalPass(x_t, t, self._condition(self._predict_x0(denoise, x_t, t)), weight)
 
 
 class SelfConditioningNext(SelfConditioning):
@@ -90,11 +94,11 @@ class SelfConditioningNext(SelfConditioning):
     min_timesteps = 2
 
     def final_pass(self, x0, denoise):
-        t = self._timesteps(x0, self.T - 1)
+        t, weight = self._timesteps(x0, self.T - 1)
         x_next = self._noised(x0, t + 1)
         x0_hat = self._predict_x0(denoise, x_next, t + 1)
         x_t = self.scheduler.posterior_mean(x0_hat, x_next, t + 1, t)
-        return FinalPass(x_t, t, self._condition(x0_hat))
+        return FinalPass(x_t, t, self._condition(x0_hat), weight)
 
 
 class RecyclingNext(TrainingStrategy):
@@ -103,9 +107,9 @@ class RecyclingNext(TrainingStrategy):
     min_timesteps = 2
 
     def final_pass(self, x0, denoise):
-        t = self._timesteps(x0, self.T - 1)
+        t, weight = self._timesteps(x0, self.T - 1)
         x0_hat = self._predict_x0(denoise, self._noised(x0, t + 1), t + 1)
-        return FinalPass(self._noised(x0_hat, t), t)
+        return FinalPass(self._noised(x0_hat, t), t, weight=weight)
 
 
 class Recycling(TrainingStrategy):
@@ -113,8 +117,20 @@ class Recycling(TrainingStrategy):
     t ∈ {0, …, T−2} with fresh noise and train on that, as sampling will see its own predictions."""
     min_timesteps = 2
 
+    def trained_timesteps(self) -> int:
+        """The trained pass draws t from [0, this): T−1 as in the reference, which never trains t = T−1."""
+        return self.T - 1
+
     def final_pass(self, x0, denoise):
         t_max = torch.full((x0.shape[0],), self.T - 1, device=x0.device, dtype=torch.long)
         x0_hat = self._predict_x0(denoise, self._noised(x0, t_max), t_max)
-        t = self._timesteps(x0, self.T - 1)
-        return FinalPass(self._noised(x0_hat, t), t)
+        t, weight = self._timesteps(x0, self.trained_timesteps())
+        return FinalPass(self._noised(x0_hat, t), t, weight=weight)
+
+
+class RecyclingAllSteps(Recycling):
+    """Recycling whose trained pass also covers t = T−1, the timestep sampling starts from: the reference trains
+    that response only through the first (no-gradient) pass, so with real time conditioning it can stay untrained."""
+
+    def trained_timesteps(self) -> int:
+        return self.T

@@ -2,11 +2,14 @@
 
 All share `nnUNetTrainerDiff`: nnU-Net plans the network, loads and augments the data, runs validation and
 prediction; the trainer only swaps in the time-conditioned denoiser and a `train_step` that asks its training
-strategy for the inputs of the trained pass. Deep supervision is off: sampling uses only the full-resolution
-x0 logits and the reference method has none (see docs/trainers.md).
+strategy for the inputs of the trained pass. Options are class attributes, each with a trainer named after it:
+deep supervision on the x0 logits (`...DS`), loss-aware timestep sampling (`...Importance`), recycling trained
+at every t (`...AllT`), no time conditioning (`...NoTime`), Dice + focal loss (`...Focal`); `_1epoch` and
+`_5epochs` variants of each for quick runs (see docs/trainers.md).
 """
 
 import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
@@ -14,13 +17,21 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunet_diffusion.core.losses import DiceFocalLoss
-from nnunet_diffusion.core.masks import MaskCodec
+from nnunet_diffusion.core.masks import MaskCodec, full_resolution
 from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, build_unet_from_plans
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
-from nnunet_diffusion.core.strategies import (PlainDiffusion, Recycling, RecyclingNext, SelfConditioning,
-                                              SelfConditioningNext, TrainingStrategy)
-from nnunet_diffusion.trainer_support import backward_and_step, ensure_checkpoint_fits, unwrap
+from nnunet_diffusion.core.strategies import (PlainDiffusion, Recycling, RecyclingAllSteps, RecyclingNext,
+                                              SelfConditioning, SelfConditioningNext, TrainingStrategy)
+from nnunet_diffusion.core.timesteps import make_timestep_sampler
+from nnunet_diffusion.trainer_support import TimestepLossLog, backward_and_step, ensure_checkpoint_fits, unwrap
+
+TIMESTEP_SAMPLER_KEY = "timestep_sampler"
+
+
+def _sample(output: torch.Tensor | list[torch.Tensor], i: int) -> torch.Tensor | list[torch.Tensor]:
+    """Sample i of a batch tensor or of nnU-Net's deep-supervision list, keeping the batch axis."""
+    return [o[i:i + 1] for o in output] if isinstance(output, list) else output[i:i + 1]
 
 
 class nnUNetTrainerDiff(nnUNetTrainer):
@@ -30,6 +41,8 @@ class nnUNetTrainerDiff(nnUNetTrainer):
     num_timesteps = 5
     time_conditioning = True
     focal_loss = False
+    x0_deep_supervision = False  # nnU-Net's deep-supervision loss on the decoder's lower-resolution x0 logits
+    timestep_sampling = "uniform"  # or "loss_aware" (see core/timesteps.py)
     training_epochs: int | None = None  # set by the short-schedule variants
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -39,14 +52,16 @@ class nnUNetTrainerDiff(nnUNetTrainer):
             raise ValueError(f"{type(self).__name__} does not support cascaded configurations "
                              f"({configuration} uses the segmentation of {self.configuration_manager.previous_stage_name}); "
                              f"train a full-resolution configuration such as 3d_fullres")
-        self.enable_deep_supervision = False
+        self.enable_deep_supervision = self.x0_deep_supervision
         if self.training_epochs is not None:
             self.num_epochs = self.training_epochs
         self.codec = MaskCodec(self.label_manager.num_segmentation_heads,
                                "sigmoid" if self.label_manager.has_regions else "softmax",
                                None if self.label_manager.has_regions else self.label_manager.ignore_label)
         self.strategy = self.strategy_class(DiffusionScheduler(make_alphas_cumprod(self.noise_schedule,
-                                                                                   self.num_timesteps)), self.codec)
+                                                                                   self.num_timesteps)), self.codec,
+                                            make_timestep_sampler(self.timestep_sampling, self.num_timesteps))
+        self.timestep_losses = TimestepLossLog(self.num_timesteps)
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -68,26 +83,61 @@ class nnUNetTrainerDiff(nnUNetTrainer):
         unwrap(self.network).set_deep_supervision_enabled(enabled)
 
     def _build_loss(self):
+        """nnU-Net's loss (with its deep-supervision weights when on); the focal variants swap the inner loss."""
+        loss = super()._build_loss()
         if not self.focal_loss:
-            return super()._build_loss()
+            return loss
         regions = self.label_manager.has_regions
         dice = MemoryEfficientSoftDiceLoss(apply_nonlin=torch.sigmoid if regions else softmax_helper_dim1,
                                            batch_dice=self.configuration_manager.batch_dice, do_bg=regions,
                                            smooth=1e-5, ddp=self.is_ddp)
-        return DiceFocalLoss(dice, self.codec.activation, ignore_label=self.codec.ignore_label,
-                             has_ignore_channel=regions and self.label_manager.has_ignore_label)
+        focal = DiceFocalLoss(dice, self.codec.activation, ignore_label=self.codec.ignore_label,
+                              has_ignore_channel=regions and self.label_manager.has_ignore_label)
+        if isinstance(loss, DeepSupervisionWrapper):
+            loss.loss = focal
+            return loss
+        return focal
+
+    def _per_sample_losses(self, output, target) -> torch.Tensor:
+        """The training loss of every sample on its own (for importance weights and the per-timestep log)."""
+        return torch.stack([self.loss(_sample(output, i), _sample(target, i))
+                            for i in range(full_resolution(target).shape[0])])
 
     def train_step(self, batch: dict) -> dict:
         data = batch['data'].to(self.device, non_blocking=True)
-        target = batch['target'].to(self.device, non_blocking=True)
+        target = batch['target']
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
-            final = self.strategy.final_pass(self.codec.encode(target),
+            final = self.strategy.final_pass(self.codec.encode(full_resolution(target)),
                                              lambda x_t, t, condition: self.network(data, x_t, t, condition))
             output = self.network(data, final.x_t, final.t, final.self_condition)
-            loss = self.loss(output, target)
+            if final.weight is None:
+                loss = self.loss(output, target)
+                with torch.no_grad():
+                    per_sample = self._per_sample_losses(output, target)
+            else:
+                per_sample = self._per_sample_losses(output, target)
+                loss = (per_sample * final.weight).mean()
         backward_and_step(self, loss)
+        self.strategy.timestep_sampler.update(final.t, per_sample)
+        self.timestep_losses.add(final.t, per_sample)
         return {'loss': loss.detach().cpu().numpy()}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        if self.local_rank == 0:
+            self.timestep_losses.write(self.output_folder, self.current_epoch)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, plus the loss history of a loss-aware timestep sampler (so --c resumes it)."""
+        super().save_checkpoint(filename)
+        state = self.strategy.timestep_sampler.state_dict()
+        if state and self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[TIMESTEP_SAMPLER_KEY] = state
+            torch.save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
@@ -97,7 +147,9 @@ class nnUNetTrainerDiff(nnUNetTrainer):
             checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
         ensure_checkpoint_fits(self, checkpoint, f"checkpoint {filename_or_checkpoint}"
                                if isinstance(filename_or_checkpoint, str) else "the checkpoint")
-        super().load_checkpoint(filename_or_checkpoint)
+        super().load_checkpoint(checkpoint)
+        if TIMESTEP_SAMPLER_KEY in checkpoint:
+            self.strategy.timestep_sampler.load_state_dict(checkpoint[TIMESTEP_SAMPLER_KEY])
 
 
 class nnUNetTrainerDiffSelfCond(nnUNetTrainerDiff):
@@ -130,19 +182,156 @@ class nnUNetTrainerDiffRecycleFocal(nnUNetTrainerDiffRecycle):
     focal_loss = True
 
 
-def _short_schedule_variant(base: type, epochs: int) -> type:
-    """`<base>_<N>epochs`, in nnU-Net's naming style (like nnUNetTrainer_5epochs), for quick runs."""
-    name = f"{base.__name__}_{epochs}epoch{'s' if epochs != 1 else ''}"
-    return type(name, (base,), {"training_epochs": epochs, "__module__": __name__, "__qualname__": name,
-                                "__doc__": f"{base.__name__} trained for {epochs} epoch(s) only."})
+class nnUNetTrainerDiffDS(nnUNetTrainerDiff):
+    """Plain diffusion with nnU-Net's deep supervision on the x0 logits (sampling uses the full-resolution head)."""
+    x0_deep_supervision = True
+
+
+class nnUNetTrainerDiffRecycleDS(nnUNetTrainerDiffRecycle):
+    """Recycling with nnU-Net's deep supervision on the x0 logits of the trained pass."""
+    x0_deep_supervision = True
+
+
+class nnUNetTrainerDiffRecycleAllT(nnUNetTrainerDiffRecycle):
+    """Recycling whose trained pass draws t from [0, T), so t = T−1, where sampling starts, is trained too."""
+    strategy_class = RecyclingAllSteps
+
+
+class nnUNetTrainerDiffImportance(nnUNetTrainerDiff):
+    """Plain diffusion with the reference's loss-aware importance sampling of t (p_t ∝ sqrt(E[loss²]))."""
+    timestep_sampling = "loss_aware"
+
+
+class nnUNetTrainerDiffRecycleImportance(nnUNetTrainerDiffRecycle):
+    """Recycling with the reference's loss-aware importance sampling of the trained pass's t."""
+    timestep_sampling = "loss_aware"
+
+
+# Short schedules, in nnU-Net's naming style (like nnUNetTrainer_5epochs), for quick runs and ablations.
+
+
+class nnUNetTrainerDiff_1epoch(nnUNetTrainerDiff):
+    """nnUNetTrainerDiff for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiff_5epochs(nnUNetTrainerDiff):
+    """nnUNetTrainerDiff for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffSelfCond_1epoch(nnUNetTrainerDiffSelfCond):
+    """nnUNetTrainerDiffSelfCond for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffSelfCond_5epochs(nnUNetTrainerDiffSelfCond):
+    """nnUNetTrainerDiffSelfCond for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffSelfCondNext_1epoch(nnUNetTrainerDiffSelfCondNext):
+    """nnUNetTrainerDiffSelfCondNext for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffSelfCondNext_5epochs(nnUNetTrainerDiffSelfCondNext):
+    """nnUNetTrainerDiffSelfCondNext for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffRecycleNext_1epoch(nnUNetTrainerDiffRecycleNext):
+    """nnUNetTrainerDiffRecycleNext for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffRecycleNext_5epochs(nnUNetTrainerDiffRecycleNext):
+    """nnUNetTrainerDiffRecycleNext for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffRecycle_1epoch(nnUNetTrainerDiffRecycle):
+    """nnUNetTrainerDiffRecycle for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffRecycle_5epochs(nnUNetTrainerDiffRecycle):
+    """nnUNetTrainerDiffRecycle for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffRecycleNoTime_1epoch(nnUNetTrainerDiffRecycleNoTime):
+    """nnUNetTrainerDiffRecycleNoTime for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffRecycleNoTime_5epochs(nnUNetTrainerDiffRecycleNoTime):
+    """nnUNetTrainerDiffRecycleNoTime for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffRecycleFocal_1epoch(nnUNetTrainerDiffRecycleFocal):
+    """nnUNetTrainerDiffRecycleFocal for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffRecycleFocal_5epochs(nnUNetTrainerDiffRecycleFocal):
+    """nnUNetTrainerDiffRecycleFocal for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffDS_1epoch(nnUNetTrainerDiffDS):
+    """nnUNetTrainerDiffDS for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffDS_5epochs(nnUNetTrainerDiffDS):
+    """nnUNetTrainerDiffDS for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffRecycleDS_1epoch(nnUNetTrainerDiffRecycleDS):
+    """nnUNetTrainerDiffRecycleDS for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffRecycleDS_5epochs(nnUNetTrainerDiffRecycleDS):
+    """nnUNetTrainerDiffRecycleDS for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffRecycleAllT_1epoch(nnUNetTrainerDiffRecycleAllT):
+    """nnUNetTrainerDiffRecycleAllT for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffRecycleAllT_5epochs(nnUNetTrainerDiffRecycleAllT):
+    """nnUNetTrainerDiffRecycleAllT for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffImportance_1epoch(nnUNetTrainerDiffImportance):
+    """nnUNetTrainerDiffImportance for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffImportance_5epochs(nnUNetTrainerDiffImportance):
+    """nnUNetTrainerDiffImportance for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffRecycleImportance_1epoch(nnUNetTrainerDiffRecycleImportance):
+    """nnUNetTrainerDiffRecycleImportance for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffRecycleImportance_5epochs(nnUNetTrainerDiffRecycleImportance):
+    """nnUNetTrainerDiffRecycleImportance for 5 epochs of 250 iterations."""
+    training_epochs = 5
 
 
 STRATEGY_TRAINERS = [nnUNetTrainerDiff, nnUNetTrainerDiffSelfCond, nnUNetTrainerDiffSelfCondNext,
                      nnUNetTrainerDiffRecycleNext, nnUNetTrainerDiffRecycle]
-SHORT_SCHEDULE_EPOCHS = (1, 5)
-SHORT_SCHEDULE_TRAINERS = [_short_schedule_variant(base, epochs)
-                           for base in STRATEGY_TRAINERS for epochs in SHORT_SCHEDULE_EPOCHS]
-globals().update({cls.__name__: cls for cls in SHORT_SCHEDULE_TRAINERS})
-
-SEGMENTATION_TRAINERS = STRATEGY_TRAINERS + [nnUNetTrainerDiffRecycleNoTime, nnUNetTrainerDiffRecycleFocal] \
-    + SHORT_SCHEDULE_TRAINERS
+SEGMENTATION_TRAINERS = [c for c in list(globals().values())
+                         if isinstance(c, type) and issubclass(c, nnUNetTrainerDiff) and c.__module__ == __name__]
+SHORT_SCHEDULE_TRAINERS = [c for c in SEGMENTATION_TRAINERS if c.training_epochs is not None]
