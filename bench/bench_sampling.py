@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,6 +30,7 @@ from benchutil import (Workspace, add_common_arguments, configure_device, enviro
 from nnunet_diffusion.core.network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.sampling import ENV_EARLY_EXIT, ENV_SAMPLER, ENV_SEED, ENV_STEPS, SamplerSettings
 from nnunet_diffusion.core.scheduler import SAMPLERS
+from nnunet_diffusion.utils import environment
 
 DEFAULT_TRAINER = "nnUNetTrainerDiffRecycle"
 SAMPLING_TARGET = 1.05
@@ -61,19 +60,9 @@ class SamplingBenchmark:
     tiles: int
 
 
-@contextlib.contextmanager
-def sampler_environment(**values: str) -> Iterator[None]:
+def sampler_environment(**values: str):
     """Set the nnUNet_diffusion_* variables the network reads at every call; the others are unset meanwhile."""
-    names = (ENV_SAMPLER, ENV_STEPS, ENV_SEED, ENV_EARLY_EXIT)
-    saved = {name: os.environ.pop(name, None) for name in names}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
+    return environment(**{**{name: None for name in (ENV_SAMPLER, ENV_STEPS, ENV_SEED, ENV_EARLY_EXIT)}, **values})
 
 
 def load_network(space: Workspace, device: torch.device, trainer_name: str,

@@ -25,6 +25,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.environment import EXT_TRAINER_VARIABLE, ext_trainer_value
 from nnunet_diffusion.plans import available_presets, derived_plans_name, load_preset, write_preset_plans
+from nnunet_diffusion.utils import environment
 
 SYNTHETIC_ID = 990
 SYNTHETIC_NAME = "DiffusionDemo"
@@ -81,22 +82,15 @@ def configure_device(args: argparse.Namespace) -> torch.device:
 @contextlib.contextmanager
 def workspace(args: argparse.Namespace) -> Iterator[Workspace]:
     """Set nnU-Net's environment for this process and yield the workspace; temporary folders are removed after."""
-    saved = {name: os.environ.get(name) for name in NNUNET_VARIABLES}
-    try:
-        with tempfile.TemporaryDirectory(prefix="nnunet_diffusion_bench_") as scratch:
-            scratch = Path(scratch)
-            os.environ[EXT_TRAINER_VARIABLE] = ext_trainer_value()  # nnU-Net's lookup finds the plugin's trainers
-            os.environ["nnUNet_results"] = str(scratch / "nnUNet_results")
-            space = _generated_workspace(scratch, args) if args.dataset is None else _existing_workspace(args)
-            # Set after planning, whose VRAM estimate calls torch.set_num_threads with this value.
-            os.environ["nnUNet_n_proc_DA"] = "0"  # batches come from the main process: no augmentation workers
-            yield space
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    unchanged = {name: os.environ.get(name) for name in NNUNET_VARIABLES}
+    with environment(**unchanged), tempfile.TemporaryDirectory(prefix="nnunet_diffusion_bench_") as scratch:
+        scratch = Path(scratch)
+        os.environ[EXT_TRAINER_VARIABLE] = ext_trainer_value()  # nnU-Net's lookup finds the plugin's trainers
+        os.environ["nnUNet_results"] = str(scratch / "nnUNet_results")
+        space = _generated_workspace(scratch, args) if args.dataset is None else _existing_workspace(args)
+        # Set after planning, whose VRAM estimate calls torch.set_num_threads with this value.
+        os.environ["nnUNet_n_proc_DA"] = "0"  # batches come from the main process: no augmentation workers
+        yield space
 
 
 def _generated_workspace(scratch: Path, args: argparse.Namespace) -> Workspace:

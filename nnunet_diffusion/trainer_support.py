@@ -72,8 +72,9 @@ def ensure_checkpoint_fits(trainer, checkpoint: dict, source: str) -> None:
 
 class TimestepLossLog:
     """Training loss per diffusion timestep, one entry per epoch, kept as `loss_per_timestep.json` beside
-    nnU-Net's progress.png (nnU-Net's logger takes only its own keys). Entries of epochs at or after the current
-    one are dropped on write, so a resumed training continues the file."""
+    nnU-Net's progress.png (nnU-Net's logger takes only its own keys). The trainers log each sample's x0
+    cross-entropy at full resolution (one vectorised call, unlike nnU-Net's batch Dice). Entries of epochs at or
+    after the current one are dropped on write, so a resumed training continues the file."""
     file_name = "loss_per_timestep.json"
 
     def __init__(self, num_timesteps: int):

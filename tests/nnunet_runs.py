@@ -11,6 +11,7 @@ from pathlib import Path
 from nnunet_diffusion.datasets.synthetic import LABELS, generate_synthetic_dataset
 from nnunet_diffusion.plans import write_preset_plans
 from nnunet_diffusion.runs import TrainingBudget, train_model
+from nnunet_diffusion.utils import environment
 
 PLANS = "nnUNetPlansCPU"
 CONFIGURATION = "3d_cpu"
@@ -77,16 +78,9 @@ def train_in_process(dataset: Dataset, trainer_name: str, iterations: int = 2, e
                      validate: bool = False):
     """Train a trainer found by nnU-Net's own lookup, with nnU-Net's own loop, for a few iterations."""
     shutil.rmtree(model_folder(dataset, trainer_name) / f"fold_{fold}", ignore_errors=True)
-    previous = os.environ.get("nnUNet_n_proc_DA")
-    os.environ["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation: no worker start-up per test
-    try:
+    with environment(nnUNet_n_proc_DA="0"):  # single-threaded augmentation: no worker start-up per test
         return train_model(str(dataset.dataset_id), CONFIGURATION, fold, trainer_name, PLANS,
                            TrainingBudget(epochs, iterations, 1), validate=validate)
-    finally:
-        if previous is None:
-            os.environ.pop("nnUNet_n_proc_DA")
-        else:
-            os.environ["nnUNet_n_proc_DA"] = previous
 
 
 def _predict_command(dataset: Dataset, trainer: str, output: Path, inputs: Path | None, fold: str,

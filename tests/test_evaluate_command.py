@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_diffusion.evaluation.evaluate import main
-from nnunet_diffusion.evaluation.sampling_runs import environment
+from nnunet_diffusion.utils import environment
 from nnunet_diffusion.trainers.segmentation import nnUNetTrainerDiff
 from nnunet_runs import model_folder, train_if_missing
 
@@ -141,3 +141,21 @@ def test_a_reference_in_another_geometry_is_refused(demo_dataset, tmp_path):
     sitk.WriteImage(image, str(moved))
     with pytest.raises(SystemExit, match=re.escape(f"and reference {moved} differ in geometry (origin")):
         main(cli_args(demo_dataset, [train_if_missing(demo_dataset, STOCK)], tmp_path / "out", reference))
+
+
+def test_per_k_runs_report_dice_and_predict_time_for_each_number_of_steps(demo_dataset, tmp_path):
+    models = [train_if_missing(demo_dataset, DIFFUSION), train_if_missing(demo_dataset, STOCK)]
+    assert main(cli_args(demo_dataset, models, tmp_path) + ["--samplers", "ddim", "--seeds", "0", "--steps", "2",
+                                                            "--per-k", "--early-exit", "0"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["model"], r["run"]): r for r in results["per_k"]}
+    assert set(rows) == {(DIFFUSION, "K = 1"), (DIFFUSION, "K = 2"), (DIFFUSION, "early exit 0.0"),
+                         (STOCK, "one pass")}
+    assert all(r["seconds_per_case"] > 0 and 0 <= r["Dice"] <= 1 for r in rows.values())
+    steps = {r["step"]: r["Dice"] for r in results["summary"] if r["model"] == DIFFUSION}
+    # seeded: a 1-step run is step 1 of the 2-step run, and the 2-step run is that run's prediction
+    assert rows[DIFFUSION, "K = 1"]["Dice"] == pytest.approx(steps[1])
+    assert rows[DIFFUSION, "K = 2"]["Dice"] == pytest.approx(steps[2])
+    assert 1 <= rows[DIFFUSION, "early exit 0.0"]["mean_steps_used"] <= 2
+    assert (tmp_path / "dice_vs_predict_time.png").stat().st_size > 0
+    assert "## Dice and predict time per number of steps" in (tmp_path / "results.md").read_text()

@@ -77,6 +77,9 @@ def test_invalid_sampler_settings_stop_prediction_with_a_clear_message(demo_data
                                                                        env, message):
     result = predict(demo_dataset, TRAINER, tmp_path / "out", extra=["--disable_tta"], env=env, check=False)
     assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr  # one line, raised when the predictor builds the network
+    assert result.stderr.strip().splitlines()[-1].startswith("nnunet-diffusion: ")
+    assert not list((tmp_path / "out").glob("*.nii.gz"))  # stopped before any case was predicted
 
 
 def test_fewer_ddpm_steps_and_ensembling_with_the_stock_trainer(demo_dataset, cli_trained_recycle, tmp_path):

@@ -10,7 +10,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.core.masks import MaskCodec
-from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, FiLMNorm
+from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, FiLMNorm, changed_label_fraction
 from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, SamplerSettings
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.trainers.segmentation import nnUNetTrainerDiffRecycle, nnUNetTrainerDiffSelfCond
@@ -134,13 +134,44 @@ def test_sampling_steps_and_seed_come_from_the_environment(monkeypatch):
     assert len(steps) == 3
 
 
-@pytest.mark.parametrize("tolerance,expected_steps", [(1.0, 2), (0.0, 5), (None, 5)])
-def test_early_exit_stops_once_no_probability_moves_more_than_the_tolerance(tolerance, expected_steps):
+def _converged_network():
+    """A denoiser whose estimate ignores the noisy mask and t: every step gives the same labels."""
+    network = _small_network(time_conditioning=False).eval()
+    first = next(m for m in network.unet.modules() if isinstance(m, torch.nn.Conv3d))
+    with torch.no_grad():
+        first.weight[:, 1:] = 0
+    return network
+
+
+def _changing_network():
     network = _small_network().eval()
     _perturb_film(network)
+    return network
+
+
+@pytest.mark.parametrize("make_network,tolerance,expected_steps", [
+    (_converged_network, 0.0, 2), (_converged_network, None, 5),
+    (_changing_network, 0.0, 5), (_changing_network, 1.0, 2), (_changing_network, None, 5)])
+def test_early_exit_stops_once_the_labels_stop_changing(make_network, tolerance, expected_steps):
+    network = make_network()
+    image = torch.randn(1, 1, 8, 8, 8)
     with torch.inference_mode():
-        steps = list(network.sample_steps(torch.randn(1, 1, 8, 8, 8), SamplerSettings("ddim", 5, 0, tolerance)))
+        steps = list(network.sample_steps(image, SamplerSettings("ddim", 5, 0, tolerance)))
+        full = list(network.sample_steps(image, SamplerSettings("ddim", 5, 0)))
     assert len(steps) == expected_steps
+    if make_network is _converged_network:
+        assert torch.equal(steps[-1].argmax(1), full[-1].argmax(1))  # stopping early changed no label
+    else:
+        changes = [changed_label_fraction(a.argmax(1), b.argmax(1)) for a, b in zip(full[1:], full)]
+        assert min(changes) > 0  # why it never stops at tolerance 0
+
+
+def test_changed_label_fraction_counts_voxels_and_region_channels():
+    assert changed_label_fraction(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 0])) == 0.5
+    codec = MaskCodec(2, "sigmoid")
+    logits = torch.tensor([[[1.0, -1.0], [2.0, 3.0]]])
+    assert codec.hard_labels(logits).tolist() == [[[True, False], [True, True]]]
+    assert changed_label_fraction(codec.hard_labels(logits), codec.hard_labels(-logits)) == 1.0
 
 
 def test_training_mode_forward_requires_the_noisy_mask():
@@ -172,3 +203,21 @@ def test_film_gives_norm_times_one_plus_scale_plus_shift(norm):
     scale, shift = film.to_scale_shift(context.embedding).chunk(2, dim=1)
     expected = norm(x) * (1 + scale[..., None, None, None]) + shift[..., None, None, None]
     assert torch.allclose(film(x), expected, atol=1e-5)
+
+
+def test_with_deep_supervision_training_passes_return_every_resolution_and_sampling_the_full_one():
+    network = _small_network()
+    network.set_deep_supervision_enabled(True)
+    image, x_t = torch.randn(2, 1, 8, 8, 8), torch.randn(2, 3, 8, 8, 8)
+    outputs = network(image, x_t, torch.tensor([0, 4]))
+    assert isinstance(outputs, list) and [tuple(o.shape[2:]) for o in outputs] == [(8, 8, 8), (4, 4, 4)]
+    assert all(p.requires_grad for p in network.unet.decoder.seg_layers.parameters())
+    network.eval()
+    with torch.no_grad():
+        sampled = network.sample(image, SamplerSettings("ddim", 5, seed=0))
+        validation = network(image)  # what nnU-Net's validation_step gets with deep supervision on: a list
+    assert isinstance(validation, list) and len(validation) == 1
+    assert sampled.shape == validation[0].shape == (2, 3, 8, 8, 8)
+    network.set_deep_supervision_enabled(False)  # what the predictor builds
+    with torch.no_grad():
+        assert torch.equal(network.sample(image, SamplerSettings("ddim", 5, seed=0)), sampled)

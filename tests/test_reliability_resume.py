@@ -79,6 +79,7 @@ def _log(trainer: nnUNetTrainer) -> dict[str, list]:
 # copies, which differ from a trainer listed here only in a class attribute (epochs, diffusion timesteps).
 RESUMED_TRAINERS = [
     *(cls.__name__ for cls in STRATEGY_TRAINERS), "nnUNetTrainerDiffRecycleNoTime", "nnUNetTrainerDiffRecycleFocal",
+    "nnUNetTrainerDiffRecycleDS", "nnUNetTrainerDiffRecycleAllT", "nnUNetTrainerDiffRecycleImportance",
     "nnUNetTrainerBPR", "nnUNetTrainerDiffPretrain", "nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerRestorePretrain",
     *(cls.__name__ for cls in PROBE_TRAINERS)]
 

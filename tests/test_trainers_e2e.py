@@ -6,6 +6,7 @@ import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,10 +40,15 @@ def test_signatures_match_nnunet_exactly(trainer_class):
 
 
 @pytest.mark.parametrize("trainer_name", [c.__name__ for c in SEGMENTATION_TRAINERS])
-def test_trains_and_predicts_with_stock_nnunetv2_predict(demo_dataset, trainer_name, tmp_path):
+def test_trains_and_predicts_with_stock_nnunetv2_predict(demo_dataset, trainer_name, tmp_path, monkeypatch):
     trainer = train_in_process(demo_dataset, trainer_name)
     checkpoint = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", weights_only=False)
     assert checkpoint["trainer_name"] == trainer_name
+    logged = json.loads((Path(trainer.output_folder) / "loss_per_timestep.json").read_text())
+    assert sum(logged["epochs"][0]["samples"]) == trainer.num_iterations_per_epoch * trainer.batch_size
+    if trainer.timestep_sampling == "loss_aware":
+        assert checkpoint["timestep_sampler"]["counts"].sum() == sum(logged["epochs"][0]["samples"])
+    monkeypatch.setenv("nnUNet_diffusion_steps", "2")  # two sampling steps keep 36 predictions affordable
     predict_in_this_process(demo_dataset, trainer_name, tmp_path / "pred", extra=["--disable_tta"])
     for image in sorted(demo_dataset.test_images.glob("*.nii.gz")):
         prediction = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))

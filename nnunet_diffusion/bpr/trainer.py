@@ -47,6 +47,7 @@ from nnunet_diffusion.bpr.model import (AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, 
                                         load_bpr_from_nnunet_checkpoint)
 from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, ordering_spearman, sample_equidistant_slices
 from nnunet_diffusion.trainer_support import backward_and_step
+from nnunet_diffusion.utils import nanmean
 
 __all__ = ["nnUNetTrainerBPR", "nnUNetTrainerBPR_smoke", "load_bpr_from_nnunet_checkpoint"]
 
@@ -59,12 +60,6 @@ def _valid_box(target: torch.Tensor) -> tuple[slice, slice, slice]:
         along = real.movedim(axis, 0).flatten(1).any(1).nonzero().flatten()
         box.append(slice(int(along[0]), int(along[-1]) + 1))
     return tuple(box)
-
-
-def _nanmean(values: list[float]) -> float:
-    """Mean of the defined values; NaN (without numpy's warning) if there are none."""
-    defined = [v for v in values if not np.isnan(v)]
-    return float(np.mean(defined)) if defined else float("nan")
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -257,7 +252,7 @@ class nnUNetTrainerBPR(nnUNetTrainer):
             dist.all_gather_object(gathered_losses, outputs["loss"])
             spearman, loss = np.vstack(gathered_spearman), np.mean(np.concatenate(gathered_losses))
         # An axis without any defined correlation (constant scores) counts as no ordering at all.
-        per_axis = np.nan_to_num([_nanmean(list(column)) for column in spearman.T], nan=0.0)
+        per_axis = np.nan_to_num([nanmean(list(column)) for column in spearman.T], nan=0.0)
         self.logger.log("mean_fg_dice", float(per_axis.mean()), self.current_epoch)
         self.logger.log("dice_per_class_or_region", per_axis.tolist(), self.current_epoch)
         self.logger.log("val_losses", loss, self.current_epoch)
@@ -275,11 +270,11 @@ class nnUNetTrainerBPR(nnUNetTrainer):
         for key in val_keys:
             data, _, _, _ = dataset.load_case(key)
             per_case[key] = ordering_spearman(model, np.asarray(data[0]), self.configuration_manager.spacing)
-        mean_per_axis = {name: _nanmean([case[name] for case in per_case.values()]) for name in AXIS_NAMES}
+        mean_per_axis = {name: nanmean([case[name] for case in per_case.values()]) for name in AXIS_NAMES}
         summary = {
             "metric": "Spearman correlation between BPR slice scores and slice position per array axis "
                       "(nnunet_diffusion.bpr.training.ordering_spearman); null = undefined",
-            "mean": _nan_to_none(_nanmean(list(mean_per_axis.values()))),
+            "mean": _nan_to_none(nanmean(list(mean_per_axis.values()))),
             "mean_per_axis": {name: _nan_to_none(value) for name, value in mean_per_axis.items()},
             "per_case": {key: {name: _nan_to_none(value) for name, value in case.items()}
                          for key, case in per_case.items()},

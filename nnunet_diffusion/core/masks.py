@@ -54,6 +54,11 @@ class MaskCodec:
         logits = full_resolution(logits).float()
         return torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)
 
+    def hard_labels(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """The label map of logits: argmax over classes, or logit > 0 per region."""
+        logits = full_resolution(logits)
+        return logits.argmax(1) if self.activation == "softmax" else logits > 0
+
     def decode(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Network logits (full resolution) → soft x̂0 in [−1, 1] (probabilities, not argmax: recycling feeds soft
         masks)."""

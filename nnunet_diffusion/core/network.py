@@ -224,18 +224,27 @@ class DiffusionSegmentationNetwork(nn.Module):
         shape = (image.shape[0], self.num_mask_channels, *image.shape[2:])
         x_t = torch.randn(shape, generator=generator, device=image.device, dtype=torch.float32)
         timesteps = self.scheduler.set_timesteps(settings.steps)
-        previous_x0 = None
+        previous_x0, previous_labels = None, None
         for t in timesteps.tolist():
             condition = noisy_mask_to_input(previous_x0) if previous_x0 is not None else None
             logits = self.denoise(image, x_t, torch.full((image.shape[0],), t, device=image.device), condition)
             logits = full_resolution(logits).float()
             x0 = self.codec.decode(logits)
             yield logits
-            if settings.early_exit_tolerance is not None and previous_x0 is not None and \
-                    (x0 - previous_x0).abs().max().item() / 2 <= settings.early_exit_tolerance:
-                return
+            if settings.early_exit_tolerance is not None:
+                labels = self.codec.hard_labels(logits)
+                if previous_labels is not None and \
+                        changed_label_fraction(labels, previous_labels) <= settings.early_exit_tolerance:
+                    return
+                previous_labels = labels
             previous_x0 = x0
             x_t = self.scheduler.step(x0, t, x_t, settings.sampler, generator).prev_sample
+
+
+def changed_label_fraction(labels: torch.Tensor, previous: torch.Tensor) -> float:
+    """Early exit's criterion: the fraction of voxels (of region channels, for regions) whose label differs between
+    two consecutive x0 estimates. Probabilities always drift somewhere; what a user sees is the label map."""
+    return (labels != previous).float().mean().item()
 
 
 def build_unet_from_plans(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,

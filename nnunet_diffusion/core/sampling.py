@@ -7,8 +7,8 @@ environment variables and are read (and validated) at every sampling call:
 - `nnUNet_diffusion_steps`: number of sampling steps K, 1..T (default: T, the training timesteps)
 - `nnUNet_diffusion_seed`: integer; every network call then starts from the same seeded noise, so predictions
   are reproducible and independent of tile and case order (unset: fresh noise per call)
-- `nnUNet_diffusion_early_exit`: tolerance in [0, 1]; stop once no voxel's probability moves by more than this
-  between two steps (unset: always run K steps)
+- `nnUNet_diffusion_early_exit`: tolerance in [0, 1]; stop once at most this fraction of voxels changes its
+  label between two consecutive x0 estimates (0: none changes; unset: always run K steps)
 """
 from __future__ import annotations
 
@@ -49,6 +49,15 @@ class SamplerSettings:
         seed = _parse(ENV_SEED, int, None)
         tolerance = _parse(ENV_EARLY_EXIT, float, None)
         return cls(sampler=sampler, steps=steps, seed=seed, early_exit_tolerance=tolerance)
+
+
+def check_environment(num_timesteps: int) -> SamplerSettings:
+    """Validate the nnUNet_diffusion_* variables when a network is built (before nnU-Net preprocesses or writes
+    anything), stopping with the one-line message instead of failing at the first tile."""
+    try:
+        return SamplerSettings.from_environment(num_timesteps)
+    except ValueError as error:
+        raise SystemExit(f"nnunet-diffusion: {error}") from None
 
 
 def _parse(name: str, kind: type, default: str | None):

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
 from nnunet_diffusion.datasets.staging import staged_dataset
-from nnunet_diffusion.evaluation.metrics import geometry_mismatch
+from nnunet_diffusion.utils import geometry_mismatch
 
 CHANNEL_FILES = ("Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz")  # _0000, _0001
 BRAIN_MASK_FILE = "brainmask.nii.gz"

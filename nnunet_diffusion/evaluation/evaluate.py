@@ -10,7 +10,11 @@ deterministic, so step K of these runs is exactly what `nnUNetv2_predict` writes
   seeds also `max_delta_dice`, the per-case max − min Dice across seeds averaged over cases)
 - `per_case.csv`, `seed_spread.csv` (per case and step)
 - `early_exit.csv` (with --early-exit TOL): per model and sampler, the mean number of steps a network call ran
-  (each sliding-window tile and mirror stops on its own) and the Dice lost against the full K steps
+  (each sliding-window tile and mirror stops on its own), the Dice lost against the full K steps, and the predict
+  time per case
+- `per_k.csv` and `dice_vs_predict_time.png` (with --per-k): per model and sampler, Dice and predict time per case
+  of separate runs with K = 1 … T steps (step k of a K-step run is not a k-step run), the early-exit run, and the
+  stock models' one pass: the trade-off a user picks from
 - `results.json` (all of the above and the settings), `results.md` (tables for a README)
 - `dice_vs_step_<sampler>.png`, `delta_dice_vs_step_<sampler>.png`
 - `predictions/<model>[/<sampler>/seed_<s>]/`: the final-step segmentations (with --save-probabilities also
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,12 +38,14 @@ from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.core.scheduler import SAMPLERS
 from nnunet_diffusion.environment import EXT_TRAINER_VARIABLE, ext_trainer_value
 from nnunet_diffusion.evaluation.metrics import evaluate_case
-from nnunet_diffusion.evaluation.report import markdown_table, plot_metric_vs_step, write_csv, write_json
+from nnunet_diffusion.evaluation.report import (markdown_table, plot_dice_vs_time, plot_metric_vs_step, write_csv,
+                                                write_json)
 from nnunet_diffusion.evaluation.sampling_runs import (Case, ModelFolder, StepPredictor, check_reference_geometry,
                                                        check_same_task, diffusion_network, evaluation_targets,
                                                        export, find_cases, load_predictor, predict_steps,
                                                        preprocess, read_model_folder, target_names)
 from nnunet_diffusion.evaluation.seeds import seed_spread
+from nnunet_diffusion.utils import nanmean
 
 NO_SAMPLER = "-"  # the sampler column of stock (non-diffusion) models
 SPREAD = "max_delta_dice"
@@ -53,6 +60,7 @@ class EvaluationOptions:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     steps: int | None = None  # None: each model's training timesteps T
     early_exit: float | None = None
+    per_k: bool = False
     device: str = "cuda"
     use_mirroring: bool = True
     save_probabilities: bool = False
@@ -94,34 +102,37 @@ def evaluate_models(model_folders: Sequence[str | Path], images: str | Path, ref
     check_reference_geometry(cases)
     names = target_names(dataset_json)
     labels = model_labels(models)
-    per_case, early_exit, described = [], [], []
+    per_case, early_exit, per_k, described = [], [], [], []
     for position, (model, label) in enumerate(zip(models, labels), 1):
         predictor = load_predictor(model, options.folds, options.checkpoint, torch.device(options.device),
                                    options.use_mirroring)
-        rows, early = _evaluate_model(predictor, label, cases, output, options, names,
-                                      f"[{position}/{len(models)}] {label}")
+        rows, early, k_rows = _evaluate_model(predictor, label, cases, output, options, names,
+                                              f"[{position}/{len(models)}] {label}")
         per_case += rows
         early_exit += early
+        per_k += k_rows
         described.append({"label": label, "folder": str(model.path), "trainer": model.trainer,
                           "diffusion": diffusion_network(predictor) is not None, "steps": rows[-1]["steps"]})
     summary, spread_rows = summarise(per_case)
     early_summary = summarise_early_exit(early_exit)
     results = {"options": asdict(options), "dataset": models[0].dataset, "images": str(images),
                "reference": str(reference), "cases": [c.name for c in cases], "models": described,
-               "summary": summary, "per_case": per_case, "seed_spread": spread_rows, "early_exit": early_summary}
+               "summary": summary, "per_case": per_case, "seed_spread": spread_rows, "early_exit": early_summary,
+               "per_k": summarise_per_k(per_k + _early_exit_as_per_k(early_exit))}
     write_outputs(results, output)
     return results
 
 
 def _evaluate_model(predictor: StepPredictor, label: str, cases: Sequence[Case], output: Path,
-                    options: EvaluationOptions, names: dict[str, str], prefix: str) -> tuple[list[dict], list[dict]]:
-    """Per-case rows of one model for every (sampler, seed) run and step, plus its early-exit rows."""
+                    options: EvaluationOptions, names: dict[str, str],
+                    prefix: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per-case rows of one model for every (sampler, seed) run and step, its early-exit rows and per-K rows."""
     network = diffusion_network(predictor)
     targets = evaluation_targets(predictor.label_manager)
     runs = [(NO_SAMPLER, None)] if network is None else [(s, seed) for s in options.samplers for seed in options.seeds]
     steps = 1 if network is None else _steps(network.num_timesteps, options.steps, predictor)
     folders = {run: _prediction_folder_with_metadata(predictor, prediction_folder(output, label, *run)) for run in runs}
-    rows, early = [], []
+    rows, early, per_k = [], [], []
     with tempfile.TemporaryDirectory(prefix="nnunet_diffusion_steps_") as scratch:
         for i, case in enumerate(cases, 1):
             data, properties = preprocess(predictor, case)
@@ -134,7 +145,13 @@ def _evaluate_model(predictor: StepPredictor, label: str, cases: Sequence[Case],
                 where = f"{prefix}: case {i}/{len(cases)} {case.name}"
                 if network is None:
                     print(f"{where}: one pass", flush=True)
+                    start = time.perf_counter()
                     step_logits = [predictor.predict_logits_from_preprocessed_data(data)]
+                    seconds = time.perf_counter() - start
+                    if options.per_k:
+                        per_k.append({"model": label, "sampler": sampler, "seed": seed, "case": case.name,
+                                      "K": 1, "run": "one pass", "mean_steps_used": 1.0, "seconds": seconds,
+                                      "Dice": None})
                 else:
                     print(f"{where}: {sampler} seed {seed} ({j}/{len(runs)}), {steps} steps", flush=True)
                     step_logits, _ = predict_steps(predictor, data, SamplerSettings(sampler, steps, seed))
@@ -146,13 +163,51 @@ def _evaluate_model(predictor: StepPredictor, label: str, cases: Sequence[Case],
                 if network is not None and options.early_exit is not None:
                     print(f"{where}: {sampler} seed {seed}, early exit at tolerance {options.early_exit}", flush=True)
                     settings = SamplerSettings(sampler, steps, seed, options.early_exit)
+                    start = time.perf_counter()
                     exit_logits, steps_used = predict_steps(predictor, data, settings)
+                    seconds = time.perf_counter() - start
                     metrics = score(exit_logits[-1], Path(scratch))
                     early.append({"model": label, "sampler": sampler, "seed": seed, "case": case.name,
                                   "tolerance": options.early_exit, "steps": steps,
                                   "mean_steps_used": float(np.mean(steps_used)), "Dice_full": rows[-1]["Dice"],
-                                  "Dice_early_exit": _nanmean([m["Dice"] for m in metrics.values()])})
-    return rows, early
+                                  "Dice_early_exit": nanmean([m["Dice"] for m in metrics.values()]),
+                                  "seconds": seconds})
+                if options.per_k:
+                    if network is None:
+                        per_k[-1]["Dice"] = rows[-1]["Dice"]
+                    else:
+                        per_k += [_per_k_row(predictor, data, label, sampler, seed, case.name, k, score, scratch)
+                                  for k in range(1, steps + 1)]
+    return rows, early, per_k
+
+
+def _per_k_row(predictor: StepPredictor, data: torch.Tensor, label: str, sampler: str, seed: int | None, case: str,
+               k: int, score, scratch: str) -> dict:
+    """One separate K-step run of a diffusion model on one case: Dice and predict time."""
+    start = time.perf_counter()
+    step_logits, _ = predict_steps(predictor, data, SamplerSettings(sampler, k, seed))
+    seconds = time.perf_counter() - start
+    metrics = score(step_logits[-1], Path(scratch))
+    return {"model": label, "sampler": sampler, "seed": seed, "case": case, "K": k, "run": f"K = {k}",
+            "mean_steps_used": float(k), "seconds": seconds, "Dice": nanmean([m["Dice"] for m in metrics.values()])}
+
+
+def _early_exit_as_per_k(rows: Sequence[dict]) -> list[dict]:
+    return [{"model": r["model"], "sampler": r["sampler"], "seed": r["seed"], "case": r["case"], "K": r["steps"],
+             "run": f"early exit {r['tolerance']}", "mean_steps_used": r["mean_steps_used"], "seconds": r["seconds"],
+             "Dice": r["Dice_early_exit"]} for r in rows]
+
+
+def summarise_per_k(rows: Sequence[dict]) -> list[dict]:
+    """Per (model, sampler, run): mean Dice, steps used and predict seconds per case over cases and seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["sampler"], row["run"]), []).append(row)
+    return [{"model": model, "sampler": sampler, "run": run, "K": group[0]["K"],
+             "mean_steps_used": float(np.mean([r["mean_steps_used"] for r in group])),
+             "Dice": nanmean([r["Dice"] for r in group]),
+             "seconds_per_case": float(np.mean([r["seconds"] for r in group]))}
+            for (model, sampler, run), group in groups.items()]
 
 
 def _steps(num_timesteps: int, requested: int | None, predictor: StepPredictor) -> int:
@@ -178,8 +233,8 @@ def case_row(label: str, trainer: str, sampler: str, seed: int | None, step: int
     """One per-case row: foreground means and, per label or region (by name), Dice and HD95."""
     row = {"model": label, "trainer": trainer, "sampler": sampler, "seed": "" if seed is None else seed,
            "step": step, "steps": steps, "case": case,
-           "Dice": _nanmean([m["Dice"] for m in metrics.values()]),
-           "HD95": _nanmean([m["HD95"] for m in metrics.values()])}
+           "Dice": nanmean([m["Dice"] for m in metrics.values()]),
+           "HD95": nanmean([m["HD95"] for m in metrics.values()])}
     for key, values in metrics.items():
         row[f"Dice {names.get(key, key)}"] = values["Dice"]
         row[f"HD95 {names.get(key, key)}"] = values["HD95"]
@@ -197,7 +252,7 @@ def summarise(per_case: Sequence[dict]) -> tuple[list[dict], list[dict]]:
         summary.append({"model": model, "trainer": rows[0]["trainer"], "sampler": sampler, "step": step,
                         "steps": rows[0]["steps"], "seeds": len({r["seed"] for r in rows}),
                         "cases": len({r["case"] for r in rows}),
-                        **{c: _nanmean([r[c] for r in rows if c in r]) for c in metric_columns}})
+                        **{c: nanmean([r[c] for r in rows if c in r]) for c in metric_columns}})
     spread_rows = []
     for model, sampler in dict.fromkeys((r["model"], r["sampler"]) for r in per_case):
         rows = [r for r in per_case if r["model"] == model and r["sampler"] == sampler]
@@ -223,11 +278,12 @@ def summarise_early_exit(rows: Sequence[dict]) -> list[dict]:
     summary = []
     for model, sampler in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
         group = [r for r in rows if r["model"] == model and r["sampler"] == sampler]
-        full, early = _nanmean([r["Dice_full"] for r in group]), _nanmean([r["Dice_early_exit"] for r in group])
+        full, early = nanmean([r["Dice_full"] for r in group]), nanmean([r["Dice_early_exit"] for r in group])
         summary.append({"model": model, "sampler": sampler, "tolerance": group[0]["tolerance"],
                         "steps": group[0]["steps"], "mean_steps_used": float(np.mean([r["mean_steps_used"]
                                                                                        for r in group])),
-                        "Dice_full": full, "Dice_early_exit": early, "Dice_cost": full - early})
+                        "Dice_full": full, "Dice_early_exit": early, "Dice_cost": full - early,
+                        "seconds_per_case": float(np.mean([r["seconds"] for r in group]))})
     return summary
 
 
@@ -240,6 +296,9 @@ def write_outputs(results: dict, output: Path) -> None:
         write_csv(results["seed_spread"], output / "seed_spread.csv")
     if results["early_exit"]:
         write_csv(results["early_exit"], output / "early_exit.csv")
+    if results["per_k"]:
+        write_csv(results["per_k"], output / "per_k.csv")
+        print(f"wrote {plot_dice_vs_time(results['per_k'], output / 'dice_vs_predict_time.png')}")
     write_json(results, output / "results.json")
     (output / "results.md").write_text(results_markdown(results), encoding="utf-8")
     for png in plot_steps(summary, output):
@@ -268,6 +327,10 @@ def results_markdown(results: dict) -> str:
                 text += f"\n## {title}\n\n" + table
     if results["early_exit"]:
         text += "\n## Early exit\n\n" + markdown_table(results["early_exit"], list(results["early_exit"][0]))
+    if results["per_k"]:
+        text += ("\n## Dice and predict time per number of steps\n\nSeparate runs per K; seconds per case in "
+                 "this process (preprocessing excluded)\n\n" + markdown_table(results["per_k"],
+                                                                              list(results["per_k"][0])))
     return text
 
 
@@ -305,11 +368,6 @@ def plot_steps(summary: Sequence[dict], output: Path) -> list[Path]:
     return written
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not np.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with `ablate`: folds, checkpoint, device, test-time augmentation and the sampling grid."""
     parser.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to use; their logits are averaged "
@@ -322,6 +380,9 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--early-exit", type=float, metavar="TOL",
                         help="also sample with this early-exit tolerance and report the mean steps used and the "
                              "Dice cost against the full K steps")
+    parser.add_argument("--per-k", action="store_true",
+                        help="also run every diffusion model separately with K = 1 … T steps and report Dice and "
+                             "predict time per case for each (and for early exit and the stock models)")
     parser.add_argument("-device", "--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda, cpu or mps, as for nnUNetv2_predict")
     parser.add_argument("--disable-tta", "--disable_tta", action="store_true", help="no mirroring at test time")
@@ -330,7 +391,7 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace, save_probabilities: bool) -> EvaluationOptions:
     return EvaluationOptions(folds=tuple(f if f == "all" else int(f) for f in args.folds),
                              checkpoint=args.checkpoint, samplers=tuple(args.samplers), seeds=tuple(args.seeds),
-                             steps=args.steps, early_exit=args.early_exit, device=args.device,
+                             steps=args.steps, early_exit=args.early_exit, per_k=args.per_k, device=args.device,
                              use_mirroring=not args.disable_tta, save_probabilities=save_probabilities)
 
 

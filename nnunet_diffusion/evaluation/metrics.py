@@ -15,11 +15,10 @@ from nnunetv2.evaluation.evaluate_predictions import (compute_tp_fp_fn_tn, label
                                                       region_or_label_to_mask)
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
+from nnunet_diffusion.utils import geometry_mismatch, nanmean
+
 LabelOrRegion = int | tuple[int, ...]
 
-# Headers written by different tools differ in the last float digits; anything beyond this (mm, or direction
-# cosines) is a real geometry difference.
-GEOMETRY_TOLERANCE = 1e-4
 METRICS = ("Dice", "HD95")
 
 
@@ -110,22 +109,11 @@ def evaluate_folder(pred_dir: str | Path, ref_dir: str | Path, labels_or_regions
 
     per_case = [evaluate_case(pred_dir / name, ref_dir / name, targets) for name in pred_names]
     keys = [label_or_region_to_key(t) for t in targets]
-    means = {k: {m: _nanmean([c["metrics"][k][m] for c in per_case]) for m in METRICS} for k in keys}
+    means = {k: {m: nanmean([c["metrics"][k][m] for c in per_case]) for m in METRICS} for k in keys}
     foreground = [k for k in keys if k != "0"]
     foreground_mean = {m: float(np.mean([means[k][m] for k in foreground])) if foreground else float("nan")
                        for m in METRICS}
     return {"metric_per_case": per_case, "mean": means, "foreground_mean": foreground_mean}
-
-
-def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str:
-    """Which of size, spacing, origin and direction differ beyond the tolerance (empty string when none does)."""
-    if image.GetSize() != reference.GetSize():
-        return f"size {image.GetSize()} vs {reference.GetSize()}"
-    for name in ("Spacing", "Origin", "Direction"):
-        a, b = getattr(image, f"Get{name}")(), getattr(reference, f"Get{name}")()
-        if not np.allclose(a, b, rtol=0, atol=GEOMETRY_TOLERANCE):
-            return f"{name.lower()} {tuple(round(v, 6) for v in a)} vs {tuple(round(v, 6) for v in b)}"
-    return ""
 
 
 def _as_mask_pair(mask_ref: np.ndarray, mask_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +144,3 @@ def _case_files(folder: Path, role: str, file_ending: str) -> list[str]:
     if not folder.is_dir():
         raise ValueError(f"{role} folder {folder} does not exist")
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(file_ending))
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    """Mean ignoring NaN, NaN (without numpy's warning) when every value is NaN."""
-    finite = [v for v in values if not np.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")

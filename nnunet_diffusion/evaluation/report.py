@@ -71,6 +71,33 @@ def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_
     return out_png
 
 
+def plot_dice_vs_time(rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path:
+    """Dice against predict seconds per case, one line per model and sampler through its K = 1 … T runs, early
+    exit and one-pass (stock) runs as labelled points."""
+    if not rows:
+        raise ValueError("no per-K rows to plot")
+    figure = Figure(figsize=(5.5, 3.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for model, sampler in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
+        group = [r for r in rows if r["model"] == model and r["sampler"] == sampler]
+        line = [r for r in group if str(r["run"]).startswith("K = ")]
+        label = model if sampler == "-" else f"{model} ({sampler})"
+        if line:
+            axes.plot([r["seconds_per_case"] for r in line], [r["Dice"] for r in line], marker="o", label=label)
+        for r in group:
+            if r not in line:
+                axes.scatter([r["seconds_per_case"]], [r["Dice"]], marker="*" if sampler != "-" else "s",
+                             label=f"{label}: {r['run']}")
+    axes.set_xlabel("predict seconds per case")
+    axes.set_ylabel("mean Dice")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    out_png = _prepare(out_png)
+    figure.savefig(out_png, format="png", bbox_inches="tight")
+    return out_png
+
+
 def _prepare(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

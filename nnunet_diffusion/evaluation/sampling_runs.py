@@ -11,7 +11,6 @@ K-step sampling run instead of K of them.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_diffusion.core.network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.sampling import SamplerSettings
-from nnunet_diffusion.evaluation.metrics import geometry_mismatch
+from nnunet_diffusion.utils import environment, geometry_mismatch
 from nnunet_diffusion.trainer_support import unwrap
 
 MAX_LISTED = 5  # names listed in an error before "and N more"
@@ -243,25 +242,6 @@ def target_names(dataset_json: dict) -> dict[str, str]:
     """Metric key (`str(label)` or `str(region)`, as in nnU-Net's summary.json) → the label's name."""
     return {str(tuple(value) if isinstance(value, list) else value): name
             for name, value in dataset_json["labels"].items()}
-
-
-@contextmanager
-def environment(**values: str | None) -> Iterator[None]:
-    """Set (or, for None, unset) environment variables for the duration of the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def read_probabilities(npz_file: Path) -> np.ndarray:

@@ -22,10 +22,11 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS
 from nnunet_diffusion.core.scheduler import SAMPLERS
 from nnunet_diffusion.environment import EXT_TRAINER_VARIABLE, ext_trainer_value
-from nnunet_diffusion.evaluation.sampling_runs import (diffusion_network, environment, export, find_cases,
+from nnunet_diffusion.evaluation.sampling_runs import (diffusion_network, export, find_cases,
                                                        load_predictor, preprocess, read_model_folder,
                                                        read_probabilities)
 from nnunet_diffusion.evaluation.uncertainty import entropy_of_mean, variance_across_samples, write_map_like
+from nnunet_diffusion.utils import environment
 
 MEASURES = {"entropy": entropy_of_mean, "variance": variance_across_samples}
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnunet_diffusion.bpr.model import BPRConfig, BPRModel
-from nnunet_diffusion.bpr.trainer import load_bpr_from_nnunet_checkpoint
+from nnunet_diffusion.bpr.model import BPRConfig, BPRModel, load_bpr_from_nnunet_checkpoint
 
 BPR_CHECKPOINT_VARIABLE = "nnUNet_diffusion_bpr"
 BPR_MAP_CHANNELS = 3  # one coordinate per array axis

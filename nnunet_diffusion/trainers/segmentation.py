@@ -16,9 +16,10 @@ from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 
-from nnunet_diffusion.core.losses import DiceFocalLoss
+from nnunet_diffusion.core.losses import DiceFocalLoss, per_sample_cross_entropy
 from nnunet_diffusion.core.masks import MaskCodec, full_resolution
 from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, build_unet_from_plans
+from nnunet_diffusion.core.sampling import check_environment
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.strategies import (PlainDiffusion, Recycling, RecyclingAllSteps, RecyclingNext,
@@ -67,6 +68,7 @@ class nnUNetTrainerDiff(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
+        check_environment(cls.num_timesteps)  # the predictor builds the network before it preprocesses
         mask_channels = num_output_channels * (2 if cls.strategy_class.needs_self_condition_channels else 1)
         unet = build_unet_from_plans(plans_manager, configuration_manager, num_input_channels + mask_channels,
                                      num_output_channels, enable_deep_supervision)
@@ -99,7 +101,7 @@ class nnUNetTrainerDiff(nnUNetTrainer):
         return focal
 
     def _per_sample_losses(self, output, target) -> torch.Tensor:
-        """The training loss of every sample on its own (for importance weights and the per-timestep log)."""
+        """The training loss of every sample on its own: what the importance weights multiply."""
         return torch.stack([self.loss(_sample(output, i), _sample(target, i))
                             for i in range(full_resolution(target).shape[0])])
 
@@ -115,14 +117,16 @@ class nnUNetTrainerDiff(nnUNetTrainer):
             output = self.network(data, final.x_t, final.t, final.self_condition)
             if final.weight is None:
                 loss = self.loss(output, target)
-                with torch.no_grad():
-                    per_sample = self._per_sample_losses(output, target)
             else:
                 per_sample = self._per_sample_losses(output, target)
                 loss = (per_sample * final.weight).mean()
         backward_and_step(self, loss)
-        self.strategy.timestep_sampler.update(final.t, per_sample)
-        self.timestep_losses.add(final.t, per_sample)
+        if self.strategy.timestep_sampler.needs_losses:
+            self.strategy.timestep_sampler.update(final.t, per_sample)
+        with torch.no_grad():
+            self.timestep_losses.add(final.t, per_sample_cross_entropy(
+                full_resolution(output), full_resolution(target), self.codec.activation, self.codec.ignore_label,
+                self.label_manager.has_regions and self.label_manager.has_ignore_label))
         return {'loss': loss.detach().cpu().numpy()}
 
     def on_train_epoch_end(self, train_outputs: list[dict]):

@@ -1,0 +1,49 @@
+"""Small helpers every layer may use: NaN-aware means, temporary environment variables, image geometry checks."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import SimpleITK as sitk
+
+# Headers written by different tools differ in the last float digits; anything beyond this (mm, or direction
+# cosines) is a real geometry difference.
+GEOMETRY_TOLERANCE = 1e-4
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean ignoring NaN; NaN (without numpy's warning) when every value is NaN."""
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+@contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for the duration of the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        _set_environment(values)
+        yield
+    finally:
+        _set_environment(saved)
+
+
+def _set_environment(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str:
+    """Which of size, spacing, origin and direction differ beyond the tolerance (empty string when none does)."""
+    if image.GetSize() != reference.GetSize():
+        return f"size {image.GetSize()} vs {reference.GetSize()}"
+    for name in ("Spacing", "Origin", "Direction"):
+        a, b = getattr(image, f"Get{name}")(), getattr(reference, f"Get{name}")()
+        if not np.allclose(a, b, rtol=0, atol=GEOMETRY_TOLERANCE):
+            return f"{name.lower()} {tuple(round(v, 6) for v in a)} vs {tuple(round(v, 6) for v in b)}"
+    return ""
