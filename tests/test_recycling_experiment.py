@@ -61,5 +61,5 @@ def test_summary_pairs_cases_averaged_over_repeats_and_writes_every_table():
     text = experiment.markdown(summary, args, 5)
     assert "| nnUNetTrainerDiff | ddim | 8 | 0.610 ± 0.011 | 0.570, 0.580, 0.590, 0.600, 0.610 |" in text
     assert "nnUNetTrainerDiffRecycle − nnUNetTrainerDiff | ddim | +0.105" in text
-    assert "| nnUNetTrainer | 11.0 | 11.0 | 1.00 | 1.0 | 1.00 |" in text
-    assert "| nnUNetTrainerDiff | 11.5 | 11.5 | 1.05 | 5.0 | 5.00 |" in text
+    assert "| nnUNetTrainer | 11.0 | 11.0 | 1.00 | 1.0 | 1.0 | 1.00 |" in text
+    assert "| nnUNetTrainerDiff | 11.5 | 11.5 | 1.05 | 5.0 | 5.0 | 5.00 |" in text
