@@ -151,7 +151,7 @@ class nnUNetTrainerDiff(nnUNetTrainer):
             checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
         ensure_checkpoint_fits(self, checkpoint, f"checkpoint {filename_or_checkpoint}"
                                if isinstance(filename_or_checkpoint, str) else "the checkpoint")
-        super().load_checkpoint(checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8 reads only a file name correctly
         if TIMESTEP_SAMPLER_KEY in checkpoint:
             self.strategy.timestep_sampler.load_state_dict(checkpoint[TIMESTEP_SAMPLER_KEY])
 
