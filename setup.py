@@ -16,13 +16,12 @@ setup(
         "nnunet_diffusion.evaluation",
         "nnunet_diffusion.bpr",
         "nnunet_diffusion.pretraining",
+        # The plans presets (JSON), read by `nnunet-diffusion plans`.
+        "nnunet_diffusion.presets",
         # The folder nnU-Net's `nnUNet_extTrainer` points at: one-line shims only (see docs/install.md).
         "nnunet_diffusion_ext",
-        # The plans presets of plans/ (JSON), read by `nnunet-diffusion plans`.
-        "nnunet_diffusion_presets",
     ],
-    package_dir={"nnunet_diffusion_ext": "trainers", "nnunet_diffusion_presets": "plans"},
-    package_data={"nnunet_diffusion_presets": ["*.json"]},
+    package_data={"nnunet_diffusion.presets": ["*.json"]},
     install_requires=[
         "nnunetv2>=2.8,<2.9",
         "torch>=2.1",

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from nnunet_diffusion.core.sampling import ENV_EARLY_EXIT, ENV_SEED, ENV_STEPS
 from nnunet_diffusion.environment import with_plugin_environment
+from nnunet_diffusion.utils import markdown_table
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,12 @@ def predict_once(variant: Variant, folder: Path, args: argparse.Namespace, outpu
     """Wall clock, CPU time and per-case network seconds of one stock prediction command."""
     command = ["nnUNetv2_predict_from_modelfolder", "-i", str(args.images), "-o", str(output), "-m", str(folder),
                "-f", *args.folds, "-device", args.device, "--disable_progress_bar"]
+    if args.processes:
+        command += ["-npp", str(args.processes), "-nps", str(args.processes)]
     if not variant.mirroring:
         command.append("--disable_tta")
-    env = {**with_plugin_environment(), **variant.env}
+    # unbuffered, so that nnU-Net's per-case lines arrive (and are timestamped) when they are printed
+    env = {**with_plugin_environment(), **variant.env, "PYTHONUNBUFFERED": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     started: dict[str, float] = {}
@@ -130,17 +134,19 @@ def report(measured: dict[str, Measurement], args: argparse.Namespace) -> str:
     def per_case(m: Measurement) -> float:
         return median(m.other_cases) if m.other_cases else median(m.first_case)
 
-    lines = [f"Prediction, {args.device}, {args.repeats} rounds (median), images {args.images}", "",
-             "| run | command wall (s) | × stock | network per case (s) | × stock | first case / others | "
-             "CPU (s) | × stock | Dice |", "|---|---|---|---|---|---|---|---|---|"]
+    processes = f"-npp/-nps {args.processes}" if args.processes else "nnU-Net's default processes"
+    rows = []
     for name, m in measured.items():
         stock = measured["stock" if "no mirroring" not in name else "stock, no mirroring"]
         first_ratio = median(m.first_case) / median(m.other_cases) if m.other_cases else float("nan")
-        dice = f"{m.dice:.4f}" if m.dice is not None else ""
-        lines.append(f"| {name} | {median(m.wall):.1f} | {median(m.wall) / median(stock.wall):.2f} | "
-                     f"{per_case(m):.2f} | {per_case(m) / per_case(stock):.2f} | {first_ratio:.2f} | "
-                     f"{median(m.cpu):.1f} | {median(m.cpu) / median(stock.cpu):.2f} | {dice} |")
-    return "\n".join(lines)
+        rows.append([name, f"{median(m.wall):.1f}", f"{median(m.wall) / median(stock.wall):.2f}",
+                     f"{per_case(m):.2f}", f"{per_case(m) / per_case(stock):.2f}", f"{first_ratio:.2f}",
+                     f"{median(m.cpu):.1f}", f"{median(m.cpu) / median(stock.cpu):.2f}",
+                     f"{m.dice:.4f}" if m.dice is not None else ""])
+    header = ["run", "command wall (s)", "× stock", "network per case (s)", "× stock", "first case / others",
+              "CPU (s)", "× stock", "Dice"]
+    return f"Prediction, {args.device}, {processes}, {args.repeats} rounds (median), images {args.images}\n\n" + \
+        markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--early-exit", type=float, default=0.001, help="nnUNet_diffusion_early_exit tolerance")
     parser.add_argument("--steps", type=int, help="nnUNet_diffusion_steps (default: the model's T)")
+    parser.add_argument("--processes", type=int,
+                        help="nnU-Net's -npp and -nps (default: nnU-Net's, 3 each); 1 shows what the background "
+                             "preprocessing and export workers cost the first case")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)

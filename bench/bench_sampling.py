@@ -28,9 +28,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, markdown_table, quiet,
                        result_row, timed, workspace)
 from nnunet_diffusion.core.network import DiffusionSegmentationNetwork
-from nnunet_diffusion.core.sampling import ENV_EARLY_EXIT, ENV_SAMPLER, ENV_SEED, ENV_STEPS, SamplerSettings
+from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.core.scheduler import SAMPLERS
-from nnunet_diffusion.utils import environment
 
 DEFAULT_TRAINER = "nnUNetTrainerDiffRecycle"
 SAMPLING_TARGET = 1.05
@@ -58,11 +57,6 @@ class SamplingBenchmark:
     warmup: int
     repeats: int
     tiles: int
-
-
-def sampler_environment(**values: str):
-    """Set the nnUNet_diffusion_* variables the network reads at every call; the others are unset meanwhile."""
-    return environment(**{**{name: None for name in (ENV_SAMPLER, ENV_STEPS, ENV_SEED, ENV_EARLY_EXIT)}, **values})
 
 
 def load_network(space: Workspace, device: torch.device, trainer_name: str,
@@ -138,7 +132,7 @@ def time_sampling(network: DiffusionSegmentationNetwork, tile: torch.Tensor, sam
     times: dict[tuple[str, int], list[float]] = {}
     for round_index in range(warmup + repeats):
         for k, ts in timesteps.items():
-            with sampler_environment(**{ENV_SAMPLER: sampler, ENV_STEPS: str(k)}):
+            with network.sampling_with(SamplerSettings(sampler, k)):
                 calls = [("sampling", lambda: network(tile)),
                          ("forwards", lambda: [network.denoise(tile, x_t, t) for t in ts])]
                 for kind, call in calls[::-1] if round_index % 2 else calls:
@@ -152,8 +146,7 @@ def time_sampling(network: DiffusionSegmentationNetwork, tile: torch.Tensor, sam
 def early_exit_steps(network: DiffusionSegmentationNetwork, tiles: list[torch.Tensor], sampler: str,
                      tolerance: float, draws: int) -> float:
     """Mean number of steps the sampler runs with nnUNet_diffusion_early_exit=tolerance (at most T)."""
-    with sampler_environment(**{ENV_SAMPLER: sampler, ENV_EARLY_EXIT: str(tolerance)}):
-        settings = SamplerSettings.from_environment(network.num_timesteps)
+    settings = SamplerSettings(sampler, network.num_timesteps, early_exit_tolerance=tolerance)
     return statistics.mean(sum(1 for _ in network.sample_steps(tile, settings))
                            for tile in tiles for _ in range(draws))
 

@@ -160,9 +160,13 @@ def memory_method(device: torch.device) -> str:
 
 
 def run_training_benchmark(space: Workspace, device: torch.device, warmup: int, repeats: int,
-                           num_batches: int) -> TrainingBenchmark:
+                           num_batches: int, only: list[str] | None = None) -> TrainingBenchmark:
     torch.manual_seed(0)
-    names = [STOCK] + plugin_trainers()
+    unknown = sorted(set(only or ()) - set(plugin_trainers()))
+    if unknown:
+        raise SystemExit(f"--trainers: {', '.join(unknown)} not among the plugin's trainers "
+                         f"({', '.join(plugin_trainers())})")
+    names = [STOCK] + (only or plugin_trainers())
     trainers = {name: build_trainer(name, space, device) for name in names}
     batches = fetch_batches(trainers[STOCK], num_batches, device)
     times = time_steps(trainers, batches, warmup, repeats, device)
@@ -203,11 +207,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "autotuning, allocator warm-up)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds; each runs every trainer once")
     parser.add_argument("--batches", type=int, default=4, help="distinct pre-fetched batches, cycled")
+    parser.add_argument("--trainers", nargs="+", help="plugin trainers to compare with the stock one (default: all)")
 
 
 def training_benchmark_from_args(space: Workspace, device: torch.device,
                                  args: argparse.Namespace) -> TrainingBenchmark:
-    return run_training_benchmark(space, device, args.warmup, args.repeats, args.batches)
+    return run_training_benchmark(space, device, args.warmup, args.repeats, args.batches, args.trainers)
 
 
 def main() -> None:

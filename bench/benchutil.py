@@ -25,6 +25,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.environment import EXT_TRAINER_VARIABLE, ext_trainer_value
 from nnunet_diffusion.plans import available_presets, derived_plans_name, load_preset, write_preset_plans
+from nnunet_diffusion import utils
 from nnunet_diffusion.utils import environment
 
 SYNTHETIC_ID = 990
@@ -189,5 +190,4 @@ def result_row(benchmark: str, compared: str, ratio: str, measured: str, target:
 
 
 def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join("---" for _ in TABLE_HEADER) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return utils.markdown_table(TABLE_HEADER, rows)

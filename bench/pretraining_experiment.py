@@ -207,11 +207,11 @@ def probe_network(backbone: Backbone, weights: Path, plans: tuple, seed: int) ->
     `load_pretrained_weights` (what -pretrained_weights does); the head is freshly initialised from `seed`."""
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-    from nnunet_diffusion.pretraining import trainers
+    from nnunet_diffusion.trainers import probes
 
     plans_manager, configuration, dataset_json = plans
     seed_everything(seed)
-    network = getattr(trainers, backbone.probe_trainer).build_network_architecture(
+    network = getattr(probes, backbone.probe_trainer).build_network_architecture(
         plans_manager, configuration, len(dataset_json["channel_names"]),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
     load_pretrained_weights(network, str(weights))

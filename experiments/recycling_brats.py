@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_diffusion.utils import markdown_table
+
 DATASET_ID = 501
 DATASET = "Dataset501_BraTS2013WT"
 PLANS = "nnUNetPlansCPU"
@@ -54,7 +56,8 @@ class Arm:
 # in the order they run: the comparisons the claim needs first, then the levers
 DEFAULT_ARMS = ("nnUNetTrainer#0", "nnUNetTrainerDiff#0", "nnUNetTrainerDiffRecycle#0",
                 "nnUNetTrainerNoDeepSupervision#0", "nnUNetTrainerDiff#1", "nnUNetTrainerDiffRecycle#1",
-                "nnUNetTrainerDiffRecycleDS#0", "nnUNetTrainerDiffRecycleAllT#0", "nnUNetTrainerDiffDS#0")
+                "nnUNetTrainerDiffRecycleDS#0", "nnUNetTrainerDiffRecycleAllT#0",
+                "nnUNetTrainerDiffRecycleImportance#0", "nnUNetTrainerDiffDS#0", "nnUNetTrainer#1")
 
 
 def parse_arm(text: str) -> Arm:
@@ -253,8 +256,11 @@ def paired_differences(rows: list[dict], steps: int) -> list[dict]:
     """A − B per held-out case (each case's Dice averaged over repeats), mean and bootstrap interval."""
     pairs = [("nnUNetTrainerDiffRecycle", "nnUNetTrainerDiff"), ("nnUNetTrainerDiffRecycle", STOCK),
              ("nnUNetTrainerDiff", STOCK), ("nnUNetTrainerDiffRecycleDS", "nnUNetTrainerDiffRecycle"),
-             ("nnUNetTrainerDiffRecycleAllT", "nnUNetTrainerDiffRecycle"), ("nnUNetTrainerDiffDS", "nnUNetTrainerDiff"),
-             (f"nnUNetTrainerDiffRecycle + {STOCK}", STOCK), (f"nnUNetTrainerDiff + {STOCK}", STOCK),
+             ("nnUNetTrainerDiffRecycleAllT", "nnUNetTrainerDiffRecycle"),
+             ("nnUNetTrainerDiffRecycleImportance", "nnUNetTrainerDiffRecycle"),
+             ("nnUNetTrainerDiffDS", "nnUNetTrainerDiff"), ("nnUNetTrainerDiffRecycleAllT", "nnUNetTrainerDiff"),
+             ("nnUNetTrainerDiffRecycleAllT", STOCK), (f"nnUNetTrainerDiffRecycle + {STOCK}", STOCK),
+             (f"nnUNetTrainerDiff + {STOCK}", STOCK), (f"nnUNetTrainerDiffRecycleAllT + {STOCK}", STOCK),
              ("nnUNetTrainerNoDeepSupervision", STOCK)]
     out = []
     for a, b in pairs:
@@ -265,9 +271,10 @@ def paired_differences(rows: list[dict], steps: int) -> list[dict]:
             cases = sorted(set(row_a["per_case"]) & set(row_b["per_case"]))
             diffs = np.array([row_a["per_case"][c] - row_b["per_case"][c] for c in cases])
             low, high = bootstrap_interval(diffs)
-            out.append({"a": a, "b": b, "sampler": sampler, "cases": len(cases), "mean_difference": float(diffs.mean()),
+            one_pass = row_a["sampler"] == "-" and row_b["sampler"] == "-"
+            out.append({"a": a, "b": b, "sampler": "-" if one_pass else sampler, "cases": len(cases), "mean_difference": float(diffs.mean()),
                         "interval_95": [low, high], "per_case": dict(zip(cases, diffs.tolist()))})
-            if row_a["sampler"] == "-" and row_b["sampler"] == "-":
+            if one_pass:
                 break
     return out
 
@@ -280,44 +287,44 @@ def markdown(summary: dict, args: argparse.Namespace, steps: int) -> str:
     lines = [f"# Recycling on BraTS 2013 whole tumour: 4-fold cross-validation ({CONFIGURATION}, {PLANS})", "",
              f"Budget per model: {args.epochs} epochs × {args.iterations} iterations (batch 12), "
              f"{args.val_iterations} validation batches per epoch. Dice of the held-out case, mean ± sd over "
-             "folds and repeats; diffusion models at the last of 5 steps (no mirroring).", "",
-             "| model | sampler | runs | Dice | per step 1 … 5 |", "|---|---|---|---|---|"]
-    table = summary["table"]
+             "folds and repeats; diffusion models at the last of 5 steps (no mirroring).", ""]
+    table, rows = summary["table"], []
     for trainer in dict.fromkeys(r["trainer"] for r in table):
         for sampler in ("-", "ddim", "ddpm"):
-            rows = [r for r in table if r["trainer"] == trainer and r["sampler"] == sampler]
-            if rows:
-                per_step = ", ".join(f"{r['dice_mean']:.3f}" for r in rows) if sampler != "-" else ""
-                lines.append(f"| {trainer} | {sampler} | {rows[-1]['runs']} | {fmt(rows[-1])} | {per_step} |")
-    for row in summary["ensembles"]:
-        lines.append(f"| {row['trainer']} | {row['sampler']} | {row['runs']} | {fmt(row)} | |")
-    lines += ["", "Paired per-case differences (final step; each case's Dice averaged over repeats), mean and 95 % "
-              "bootstrap interval over the 4 held-out cases:", "", "| A − B | sampler | mean | 95 % interval | per case |",
-              "|---|---|---|---|---|"]
-    for d in summary["differences"]:
-        lines.append(f"| {d['a']} − {d['b']} | {d['sampler']} | {d['mean_difference']:+.3f} | "
-                     f"[{d['interval_95'][0]:+.3f}, {d['interval_95'][1]:+.3f}] | "
-                     f"{', '.join(f'{v:+.3f}' for v in d['per_case'].values())} |")
-    lines += ["", "Validation pseudo-Dice per epoch (nnU-Net's online estimate on the held-out case), mean over "
-              "folds and repeats:", "", "| model | " + " | ".join(str(e + 1) for e in range(args.epochs)) + " |",
-              "|---|" + "---|" * args.epochs]
-    for curve in summary["curves"]:
-        lines.append(f"| {curve['trainer']} | " + " | ".join(f"{v:.3f}" for v in curve["pseudo_dice_mean"]) + " |")
+            runs = [r for r in table if r["trainer"] == trainer and r["sampler"] == sampler]
+            if runs:
+                per_step = ", ".join(f"{r['dice_mean']:.3f}" for r in runs) if sampler != "-" else ""
+                rows.append([trainer, sampler, runs[-1]["runs"], fmt(runs[-1]), per_step])
+    rows += [[row["trainer"], row["sampler"], row["runs"], fmt(row), ""] for row in summary["ensembles"]]
+    lines += [markdown_table(["model", "sampler", "runs", "Dice", "per step 1 … 5"], rows), ""]
+    lines += ["Paired per-case differences (final step; each case's Dice averaged over repeats), mean and 95 % "
+              "bootstrap interval over the 4 held-out cases:", "",
+              markdown_table(["A − B", "sampler", "mean", "95 % interval", "per case"],
+                             [[f"{d['a']} − {d['b']}", d["sampler"], f"{d['mean_difference']:+.3f}",
+                               f"[{d['interval_95'][0]:+.3f}, {d['interval_95'][1]:+.3f}]",
+                               ", ".join(f"{v:+.3f}" for v in d["per_case"].values())]
+                              for d in summary["differences"]]), ""]
+    lines += ["Validation pseudo-Dice per epoch (nnU-Net's online estimate on the held-out case), mean over "
+              "folds and repeats:", "",
+              markdown_table(["model", *(e + 1 for e in range(args.epochs))],
+                             [[c["trainer"], *(f"{v:.3f}" for v in c["pseudo_dice_mean"])] for c in summary["curves"]]),
+              ""]
     stock = next((t for t in summary["timing"] if t["trainer"] == STOCK), None)
-    lines += ["", "Wall clock (2 CPU cores, nnU-Net's default augmentation processes): median epoch time (training "
+    lines += ["Wall clock (2 CPU cores, nnU-Net's default augmentation processes): median epoch time (training "
               "and validation) over all runs, and of the fastest run, the one least disturbed by other work on the "
               "machine; the same for the evaluation time per case and sampler run (one held-out case, no "
               "mirroring, in-process: prediction, then export and scoring of every step, 5 for diffusion models, 1 "
-              "for stock); ratios of the fastest runs:", "",
-              "| model | epoch (s) | fastest (s) | × stock | evaluation per case (s) | fastest (s) | × stock |",
-              "|---|---|---|---|---|---|---|"]
+              "for stock); ratios of the fastest runs:", ""]
+    timing_rows = []
     for t in summary["timing"]:
         epoch_ratio = t["epoch_seconds_fastest_run"] / stock["epoch_seconds_fastest_run"] if stock else float("nan")
         predict_ratio = t["predict_seconds_fastest_run"] / stock["predict_seconds_fastest_run"] if stock \
             else float("nan")
-        lines.append(f"| {t['trainer']} | {t['epoch_seconds']:.1f} | {t['epoch_seconds_fastest_run']:.1f} | "
-                     f"{epoch_ratio:.2f} | {t['predict_seconds_per_case']:.1f} | "
-                     f"{t['predict_seconds_fastest_run']:.1f} | {predict_ratio:.2f} |")
+        timing_rows.append([t["trainer"], f"{t['epoch_seconds']:.1f}", f"{t['epoch_seconds_fastest_run']:.1f}",
+                            f"{epoch_ratio:.2f}", f"{t['predict_seconds_per_case']:.1f}",
+                            f"{t['predict_seconds_fastest_run']:.1f}", f"{predict_ratio:.2f}"])
+    lines.append(markdown_table(["model", "epoch (s)", "fastest (s)", "× stock", "evaluation per case (s)",
+                                 "fastest (s)", "× stock"], timing_rows))
     return "\n".join(lines) + "\n"
 
 

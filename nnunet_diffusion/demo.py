@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nnunet_diffusion.datasets.synthetic import LABELS, generate_synthetic_dataset
 from nnunet_diffusion.environment import with_plugin_environment
+from nnunet_diffusion.utils import markdown_table
 
 DATASET_ID = 990
 DATASET_NAME = "DiffusionDemo"
@@ -96,10 +97,8 @@ def run_demo(workdir: Path, trainers: tuple[str, ...] = TRAINERS, num_train: int
 
 def format_table(rows: list[dict]) -> str:
     columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
-              for row in rows]
-    return "\n".join(lines)
+    return markdown_table(columns, [[f"{row[c]:.3f}" if isinstance(row[c], float) else row[c] for c in columns]
+                                    for row in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

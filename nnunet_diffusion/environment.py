@@ -1,6 +1,7 @@
 """Where nnU-Net must look for the plugin's trainers, and the shell line that tells it."""
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 from pathlib import Path
@@ -31,3 +32,11 @@ def with_plugin_environment(env: dict[str, str] | None = None) -> dict[str, str]
 
 def export_line() -> str:
     return f"export {EXT_TRAINER_VARIABLE}={shlex.quote(ext_trainer_value())}"
+
+
+def main(argv: list[str]) -> int:
+    """`nnunet-diffusion env`."""
+    argparse.ArgumentParser(prog="nnunet-diffusion env", description="print the shell line that lets nnU-Net find "
+                            'the plugin\'s trainers. Use it as: eval "$(nnunet-diffusion env)"').parse_args(argv)
+    print(export_line())
+    return 0

@@ -1,10 +1,11 @@
-"""Derive small inheriting configurations from a dataset's nnU-Net plans, using the presets in `plans/`.
+"""Derive small inheriting configurations from a dataset's nnU-Net plans, using the presets in `nnunet_diffusion/presets/`.
 
 An inheriting configuration reuses the parent's preprocessed data (same `data_identifier`), so a CPU-sized
 variant costs no re-preprocessing; only patch size, batch size and feature widths change.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 
 
 def available_presets() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("nnunet_diffusion_presets").iterdir()
+    return sorted(p.name[:-5] for p in resources.files("nnunet_diffusion.presets").iterdir()
                   if p.name.endswith(".json"))
 
 
@@ -21,7 +22,7 @@ def load_preset(name: str) -> dict:
     presets = available_presets()
     if name not in presets:
         raise ValueError(f"unknown plans preset {name!r}; available: {', '.join(presets)}")
-    return json.loads(resources.files("nnunet_diffusion_presets").joinpath(f"{name}.json").read_text())
+    return json.loads(resources.files("nnunet_diffusion.presets").joinpath(f"{name}.json").read_text())
 
 
 def derive_plans(plans: dict, preset: dict, plans_name: str | None = None) -> dict:
@@ -104,3 +105,26 @@ def write_preset_plans(preprocessed_dataset_folder: str | Path, preset_name: str
     partial.write_text(json.dumps(derived, indent=2))
     partial.replace(target)
     return target
+
+
+def main(argv: list[str]) -> int:
+    """`nnunet-diffusion plans`."""
+    parser = argparse.ArgumentParser(prog="nnunet-diffusion plans", description="write a CPU-sized inheriting "
+                                     "configuration from a plans preset")
+    parser.add_argument("dataset", help="dataset id or name, e.g. 990 or Dataset990_DiffusionDemo")
+    parser.add_argument("--preset", default="cpu_tiny", choices=available_presets())
+    parser.add_argument("--source-plans", default="nnUNetPlans", help="plans identifier to derive from")
+    parser.add_argument("--plans-name", help="identifier of the written plans (default: the source's + the "
+                        "preset's suffix, e.g. nnUNetPlansCPU)")
+    parser.add_argument("--force", action="store_true", help="replace an existing plans file that conflicts")
+    args = parser.parse_args(argv)
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    if not nnUNet_preprocessed:
+        raise SystemExit("nnUNet_preprocessed is not set; export it as for nnUNetv2_train")
+    folder = f"{nnUNet_preprocessed}/{maybe_convert_to_dataset_name(args.dataset)}"
+    try:
+        print(write_preset_plans(folder, args.preset, args.source_plans, args.plans_name, args.force))
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"nnunet-diffusion plans: {error}") from None
+    return 0

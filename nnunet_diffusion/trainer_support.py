@@ -1,4 +1,4 @@
-"""Helpers shared by the plugin's trainers: unwrapping DDP/compile, optimiser steps, checkpoint checks, the
+"""Helpers of the plugin's trainers that need no trainer base: unwrapping DDP/compile, checkpoint checks, the
 per-timestep loss log."""
 from __future__ import annotations
 
@@ -17,37 +17,6 @@ def unwrap(network: nn.Module) -> nn.Module:
     if isinstance(network, OptimizedModule):
         network = network._orig_mod
     return network
-
-
-def _iteration_in_epoch(trainer) -> int:
-    """1-based index of this optimiser step within the current epoch. nnU-Net's loop keeps no such counter, so it
-    is kept on the trainer, keyed by epoch: it restarts at every epoch, also after a resume."""
-    epoch, count = getattr(trainer, "_diffusion_iteration", (None, 0))
-    count = count + 1 if epoch == trainer.current_epoch else 1
-    trainer._diffusion_iteration = (trainer.current_epoch, count)
-    return count
-
-
-def backward_and_step(trainer, loss: torch.Tensor) -> None:
-    """nnU-Net's update (gradient scaling on CUDA, clipping at norm 12), for trainers with their own train_step."""
-    iteration = _iteration_in_epoch(trainer)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite training loss ({loss.item()}) at epoch {trainer.current_epoch}, iteration {iteration}/"
-            f"{trainer.num_iterations_per_epoch}: the weights are not "
-            f"updated with it. Likely causes: a learning rate too high for this plan, NaN/inf voxels in the "
-            f"preprocessed images (check the raw images), or an fp16 overflow on GPU; resume from the last "
-            f"checkpoint with --c after fixing the cause")
-    if trainer.grad_scaler is not None:
-        trainer.grad_scaler.scale(loss).backward()
-        trainer.grad_scaler.unscale_(trainer.optimizer)
-        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
-        trainer.grad_scaler.step(trainer.optimizer)
-        trainer.grad_scaler.update()
-    else:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
-        trainer.optimizer.step()
 
 
 def mismatching_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], limit: int = 5) -> list[str]:

@@ -1,8 +1,9 @@
-"""Small helpers every layer may use: NaN-aware means, temporary environment variables, image geometry checks."""
+"""Small helpers every layer may use: NaN-aware means, Markdown tables, temporary environment variables, image
+geometry checks."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -17,6 +18,12 @@ def nanmean(values: Sequence[float]) -> float:
     """Mean ignoring NaN; NaN (without numpy's warning) when every value is NaN."""
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub Markdown table (no trailing newline); cells are written with str()."""
+    lines = ["| " + " | ".join(str(c) for c in header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 @contextmanager

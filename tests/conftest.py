@@ -10,6 +10,13 @@ from nnunet_diffusion.environment import with_plugin_environment
 NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_def_n_proc")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that needs the nnU-Net workspace (directly or through a fixture) runs real nnU-Net: `e2e`."""
+    for item in items:
+        if "nnunet_workspace" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def nnunet_workspace(tmp_path_factory):
     """Point nnU-Net's folders at a temporary workspace for the whole session and make our trainers findable."""
@@ -44,6 +51,21 @@ def cli_trained_recycle(demo_dataset):
     run(["nnUNetv2_train", str(demo_dataset.dataset_id), CONFIGURATION, "0", "-p", PLANS, "-tr", trainer,
          "-device", "cpu"])
     return model_folder(demo_dataset, trainer)
+
+
+@pytest.fixture(scope="session")
+def untrained_recycle_fold(demo_dataset, cli_trained_recycle) -> int:
+    """A fold of the CLI-trained recycling model folder (whose fold 0 is trained) holding the network as
+    initialised, never updated: the control that shows what training changed."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunet_runs import CONFIGURATION, PLANS
+    fold = 2
+    trainer = get_trainer_from_args(str(demo_dataset.dataset_id), CONFIGURATION, fold,
+                                    cli_trained_recycle.name.split("__")[0], PLANS, device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.save_checkpoint(f"{trainer.output_folder}/checkpoint_final.pth")
+    return fold
 
 
 @pytest.fixture(scope="session")

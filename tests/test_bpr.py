@@ -1,7 +1,6 @@
 """The 3-axis Body Part Regressor: loss, sampling, learning on the phantom, coordinate maps, files, nnU-Net trainer."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -23,15 +22,6 @@ SMALL_FEATURES = (8, 16, 32, 32)
 # A soft-tissue window makes organ contrast visible to a small, briefly trained BPR.
 SOFT_TISSUE_WINDOW = (-250.0, 350.0)
 ORDERING_THRESHOLD = 0.4
-
-
-@pytest.fixture
-def one_thread():
-    """The machine is shared: one thread avoids oversubscription, which slows small CPU trainings many-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +126,7 @@ def test_weights_of_another_architecture_are_refused():
         default.load_state_dict(small.state_dict())
 
 
-def test_training_is_deterministic_for_a_seed(phantom_volumes, one_thread):
+def test_training_is_deterministic_for_a_seed(phantom_volumes, one_torch_thread):
     volumes = phantom_volumes[0][:2]
     first = train_bpr(volumes, PATCH, 6, batch_size=2, features_per_stage=SMALL_FEATURES, seed=4)
     second = train_bpr(volumes, PATCH, 6, batch_size=2, features_per_stage=SMALL_FEATURES, seed=4)
@@ -147,7 +137,7 @@ def test_training_is_deterministic_for_a_seed(phantom_volumes, one_thread):
     assert not torch.equal(first.axis_heads.weight, other.axis_heads.weight)
 
 
-def test_trained_bpr_orders_held_out_volumes_and_an_untrained_one_does_not(phantom_volumes, one_thread, capsys):
+def test_trained_bpr_orders_held_out_volumes_and_an_untrained_one_does_not(phantom_volumes, one_torch_thread, capsys):
     training, held_out = phantom_volumes
     settings = dict(batch_size=8, features_per_stage=SMALL_FEATURES, ct_window=SOFT_TISSUE_WINDOW, seed=0)
     untrained = train_bpr(training, PATCH, 0, **settings)
@@ -163,15 +153,8 @@ def test_trained_bpr_orders_held_out_volumes_and_an_untrained_one_does_not(phant
     assert trained_axes["axial"] > 0.8
 
 
-def test_trainer_builds_with_nnunets_exact_signature_and_no_spatial_augmentation():
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from nnunet_diffusion.bpr.trainer import nnUNetTrainerBPR, nnUNetTrainerBPR_smoke
-    expected = inspect.signature(nnUNetTrainer.build_network_architecture)
-    assert inspect.signature(nnUNetTrainerBPR.build_network_architecture).parameters.keys() == \
-        expected.parameters.keys()
-    assert inspect.signature(nnUNetTrainerBPR.__init__).parameters.keys() == \
-        inspect.signature(nnUNetTrainer.__init__).parameters.keys()
+def test_trainer_has_no_spatial_augmentation():
+    from nnunet_diffusion.trainers.bpr import nnUNetTrainerBPR, nnUNetTrainerBPR_smoke
     transforms = nnUNetTrainerBPR.get_training_transforms((32, 32, 32), (0.0, 0.0), None, None, False)
     names = [type(t.transform).__name__ for t in transforms.transforms]
     assert names and not any("Spatial" in n or "Mirror" in n or "RemoveLabel" in n for n in names)
@@ -192,7 +175,7 @@ def test_nnunet_trainer_bpr_through_nnunets_cli(tmp_path):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "__init__.py").write_text("")
-    (shim / "bpr_trainers.py").write_text("from nnunet_diffusion.bpr.trainer import *\n")
+    (shim / "bpr_trainers.py").write_text("from nnunet_diffusion.trainers.bpr import *\n")
     environment = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
                        nnUNet_results=str(tmp_path / "results"), nnUNet_extTrainer=str(shim),
                        nnUNet_def_n_proc="2")

@@ -1,7 +1,6 @@
 """Label setups the diffusion trainers support (regions, ignore label) and the ones they reject, with messages."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -55,15 +54,6 @@ def _plans_and_dataset_json(dataset):
     folder = os.path.join(os.environ["nnUNet_preprocessed"], dataset.name)
     plans = json.load(open(f"{folder}/{PLANS}.json"))
     return plans, json.load(open(f"{folder}/dataset.json"))
-
-
-def test_cascaded_configurations_are_rejected_with_the_fix(demo_dataset):
-    plans, dataset_json = _plans_and_dataset_json(demo_dataset)
-    plans = copy.deepcopy(plans)
-    plans["configurations"]["3d_cascade"] = {"inherits_from": CONFIGURATION, "previous_stage": CONFIGURATION}
-    plans["continue_training"] = False
-    with pytest.raises(ValueError, match="does not support cascaded configurations.*train a full-resolution"):
-        nnUNetTrainerDiffRecycle(plans, "3d_cascade", 0, dataset_json, torch.device("cpu"))
 
 
 def test_checkpoint_of_another_diffusion_trainer_is_refused_with_the_right_trainer_named(demo_dataset):

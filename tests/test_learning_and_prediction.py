@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from nnunet_runs import CONFIGURATION, PLANS, mean_dice, predict, run, train_in_process
+from nnunet_runs import mean_dice, predict, run, train_in_process
 
 TRAINER = "nnUNetTrainerDiffRecycle_1epoch"
 # Mean foreground Dice on the held-out cases that training must reach and an untrained network misses. Training is
@@ -18,21 +17,10 @@ TRAINER = "nnUNetTrainerDiffRecycle_1epoch"
 LEARNED_DICE = 0.3
 
 
-@pytest.fixture(scope="module")
-def untrained_fold(demo_dataset, cli_trained_recycle):
-    """Fold 1 of the same model folder holding the network as initialised, never updated."""
-    from nnunetv2.run.run_training import get_trainer_from_args
-    trainer = get_trainer_from_args(str(demo_dataset.dataset_id), CONFIGURATION, 1, TRAINER, PLANS,
-                                    device=torch.device("cpu"))
-    trainer.initialize()
-    trainer.save_checkpoint(f"{trainer.output_folder}/checkpoint_final.pth")
-    return "1"
-
-
 def test_recycling_learns_the_task_that_an_untrained_network_fails(demo_dataset, cli_trained_recycle,
-                                                                   untrained_fold, tmp_path):
+                                                                   untrained_recycle_fold, tmp_path):
     predict(demo_dataset, TRAINER, tmp_path / "trained", env={"nnUNet_diffusion_seed": "0"})
-    predict(demo_dataset, TRAINER, tmp_path / "untrained", fold=untrained_fold, env={"nnUNet_diffusion_seed": "0"})
+    predict(demo_dataset, TRAINER, tmp_path / "untrained", fold=str(untrained_recycle_fold), env={"nnUNet_diffusion_seed": "0"})
     trained, untrained = mean_dice(demo_dataset, tmp_path / "trained"), mean_dice(demo_dataset, tmp_path / "untrained")
     print(f"held-out mean Dice: trained {trained:.3f}, untrained {untrained:.3f}")
     assert trained > LEARNED_DICE > untrained

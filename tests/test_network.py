@@ -134,6 +134,24 @@ def test_sampling_steps_and_seed_come_from_the_environment(monkeypatch):
     assert len(steps) == 3
 
 
+def test_settings_passed_in_code_replace_the_environment_and_are_checked_against_T(monkeypatch):
+    network = _small_network().eval()
+    _perturb_film(network)
+    image = torch.randn(1, 1, 8, 8, 8)
+    monkeypatch.setenv(ENV_SAMPLER, "no-such-sampler")  # would fail the plain forward
+    with pytest.raises(ValueError, match="unknown sampler"):
+        network(image)
+    settings = SamplerSettings("ddpm", 2, seed=5)
+    with torch.inference_mode():
+        with network.sampling_with(settings):
+            passed = network(image)
+        expected = list(network.sample_steps(image, settings))[-1]
+    assert torch.equal(passed, expected) and network.sampler_settings is None
+    with pytest.raises(ValueError, match="exceeds the 5 timesteps"):
+        with network.sampling_with(SamplerSettings("ddim", 6)):
+            pass
+
+
 def _converged_network():
     """A denoiser whose estimate ignores the noisy mask and t: every step gives the same labels."""
     network = _small_network(time_conditioning=False).eval()

@@ -1,14 +1,12 @@
 """Pretraining trainers: Models Genesis distortions, BPR guidance checks, and short runs through nnU-Net's loop."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.bpr.model import BPRConfig, build_bpr
@@ -17,11 +15,15 @@ from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE, E
 from nnunet_diffusion.pretraining.network import DIFFUSION, DIFFUSION_BPR, RESTORATIVE
 from nnunet_diffusion.pretraining.restoration import (bezier_curve, genesis_distort, inpaint, local_shuffle,
                                                       nonlinear_intensity, outpaint)
-from nnunet_diffusion.pretraining.trainers import (PRETRAINING_TRAINERS, TIMESTEP_VARIANTS, nnUNetTrainerDiffPretrain,
-                                                   nnUNetTrainerDiffPretrainBPR, nnUNetTrainerRestorePretrain)
+from nnunet_diffusion.core.scheduler import DiffusionScheduler
+from nnunet_diffusion.core.schedules import make_alphas_cumprod
+from nnunet_diffusion.trainers.pretraining import (PRETRAINING_TRAINERS, TIMESTEP_VARIANTS, nnUNetTrainerDiffPretrain,
+                                                   nnUNetTrainerDiffPretrainBPR, nnUNetTrainerDiffPretrainBPRX0,
+                                                   nnUNetTrainerDiffPretrainX0, nnUNetTrainerRestorePretrain)
+from nnunet_diffusion.trainers.probes import PROBE_TRAINERS
 from nnunet_runs import CONFIGURATION, PLANS, predict, train_in_process
 
-TRAINER_NAMES = [cls.__name__ for cls in PRETRAINING_TRAINERS]
+TRAINER_NAMES = [cls.__name__ for cls in PRETRAINING_TRAINERS + PROBE_TRAINERS]
 
 
 # --- naming and signatures ------------------------------------------------------------------------------------------
@@ -34,23 +36,42 @@ def test_names_are_safe_and_every_backbone_has_its_probe_trainers():
         assert set(spec.probe_trainers) <= set(TRAINER_NAMES)
 
 
-@pytest.mark.parametrize("trainer_class", PRETRAINING_TRAINERS, ids=lambda c: c.__name__)
-def test_signatures_match_nnunet_exactly(trainer_class):
-    def signature(function):
-        return inspect.signature(function, eval_str=True)
-    assert signature(trainer_class.__init__) == signature(nnUNetTrainer.__init__)
-    assert signature(trainer_class.build_network_architecture) == signature(nnUNetTrainer.build_network_architecture)
-
-
 def test_timestep_ablation_variants_carry_their_T_into_the_network(preprocessed_plans):
     plans_manager, configuration_manager = preprocessed_plans
-    assert sorted(cls.num_timesteps for cls in TIMESTEP_VARIANTS) == [1, 1, 100, 100, 1000, 1000]
+    assert sorted(cls.num_timesteps for cls in TIMESTEP_VARIANTS) == [1, 1, 3, 3, 30, 30, 100, 100, 1000, 1000]
     assert nnUNetTrainerDiffPretrainBPR.num_timesteps == nnUNetTrainerDiffPretrain.num_timesteps == 10
     for cls in TIMESTEP_VARIANTS:
         assert cls.__name__.endswith(f"_T{cls.num_timesteps}")
-        if not cls.backbone.bpr_guidance:
-            network = cls.build_network_architecture(plans_manager, configuration_manager, 1, 3, False)
-            assert int(network.num_timesteps) == cls.num_timesteps
+        assert cls.__name__.startswith(next(b.__name__ for b in (nnUNetTrainerDiffPretrainBPRX0,
+                                                                nnUNetTrainerDiffPretrainBPR) if issubclass(cls, b)))
+        network = cls.build_network_architecture(plans_manager, configuration_manager, 1, 3, False)
+        assert int(network.num_timesteps) == cls.num_timesteps
+
+
+class _IdentityDenoiser:
+    """Stands in for the network: returns the clean patch, whatever the noisy input."""
+
+    def __call__(self, data: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return data
+
+
+@pytest.mark.parametrize("trainer_class,perfect", [(nnUNetTrainerDiffPretrain, False),
+                                                   (nnUNetTrainerDiffPretrainX0, True)])
+def test_x0_pretraining_regresses_the_clean_patch_and_epsilon_pretraining_the_noise(trainer_class, perfect):
+    trainer = object.__new__(trainer_class)  # the loss needs no plans: network, loss and schedule only
+    trainer.network, trainer.loss = _IdentityDenoiser(), torch.nn.MSELoss()
+    trainer.scheduler = DiffusionScheduler(make_alphas_cumprod(trainer.noise_schedule, trainer.num_timesteps))
+    loss = float(trainer.pretext_loss(torch.randn(2, 1, 8, 8, 8)))
+    assert (loss == 0.0) == perfect
+    assert ("x0" in trainer.objective) == perfect
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerDiffPretrainBPRX0", "nnUNetTrainerRestorePretrain"])
+def test_self_supervised_trainers_draw_patches_at_random_not_by_label(demo_dataset, trainer_name):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args(str(demo_dataset.dataset_id), CONFIGURATION, 0, trainer_name, PLANS,
+                                    device=torch.device("cpu"))
+    assert trainer.oversample_foreground_percent == 0.0
 
 
 # --- Models Genesis distortions -------------------------------------------------------------------------------------

@@ -13,13 +13,12 @@ from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
 from nnunet_diffusion.pretraining.heads import (LinearProbeHead, NonLinearProbeHead, concatenated_levels,
                                                 head_on_voxels)
-from nnunet_diffusion.pretraining.trainers import (PRETRAINING_TRAINERS, PROBE_TRAINERS, nnUNetTrainerDiffPretrain,
-                                                   nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinearBPR,
-                                                   nnUNetTrainerRestorePretrain)
+from nnunet_diffusion.trainers.pretraining import PRETRAINING_TRAINERS, nnUNetTrainerDiffPretrain, nnUNetTrainerRestorePretrain
+from nnunet_diffusion.trainers.probes import PROBE_TRAINERS, nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinearBPR
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_runs import CONFIGURATION, PLANS, model_folder, predict, train_in_process
 
-TRAINERS_BY_NAME = {cls.__name__: cls for cls in PRETRAINING_TRAINERS}
+TRAINERS_BY_NAME = {cls.__name__: cls for cls in PRETRAINING_TRAINERS + PROBE_TRAINERS}
 BPR_PROBES = ["nnUNetTrainerProbeNonLinearBPR", "nnUNetTrainerProbeLinearBPR", "nnUNetTrainerFinetuneBPR"]
 
 

@@ -24,13 +24,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS
 from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
 from nnunet_diffusion.pretraining.network import DIFFUSION, DIFFUSION_BPR, RESTORATIVE
-from nnunet_diffusion.pretraining.trainers import PROBE_TRAINERS
+from nnunet_diffusion.trainers.probes import PROBE_TRAINERS
 from nnunet_diffusion.trainers.segmentation import STRATEGY_TRAINERS
 from nnunet_runs import CONFIGURATION, PLANS, Dataset, model_folder, train_in_process
 
 RESUME_FOLD = 2  # folds this module trains in, apart from those other modules use
 MODEL_FOLD = 3
-UNTRAINED_FOLD = 2  # of the session's CLI-trained recycling model, whose fold 0 is trained
 CPU = torch.device("cpu")
 LOGGED = ("train_losses", "val_losses", "mean_fg_dice", "dice_per_class_or_region", "lrs")
 
@@ -183,19 +182,9 @@ def test_seeded_predictions_repeat_and_unseeded_ones_do_not(demo_dataset, one_it
     assert not np.array_equal(first, unseeded)
 
 
-@pytest.fixture(scope="module")
-def untrained_fold(demo_dataset, cli_trained_recycle) -> int:
-    """A fold of the CLI-trained recycling model folder holding the network as initialised."""
-    trainer = get_trainer_from_args(str(demo_dataset.dataset_id), CONFIGURATION, UNTRAINED_FOLD,
-                                    cli_trained_recycle.name.split("__")[0], PLANS, device=CPU)
-    trainer.initialize()
-    trainer.save_checkpoint(f"{trainer.output_folder}/checkpoint_final.pth")
-    return UNTRAINED_FOLD
-
-
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_unseeded_predictions_vary_far_less_than_training_changes_them(demo_dataset, cli_trained_recycle,
-                                                                       untrained_fold, sampler, monkeypatch):
+                                                                       untrained_recycle_fold, sampler, monkeypatch):
     """Sampling noise must not be what decides a voxel: the seed-to-seed change of a trained model's probabilities
     has to stay an order of magnitude below the change that training made (measured: about 1000 times below)."""
     monkeypatch.setenv(ENV_SAMPLER, sampler)
@@ -203,7 +192,7 @@ def test_unseeded_predictions_vary_far_less_than_training_changes_them(demo_data
     image = sorted(demo_dataset.test_images.glob("*.nii.gz"))[0]
     trained = _predictor(cli_trained_recycle, 0)
     first, second = (_probabilities(trained, image) for _ in range(2))
-    untrained = _probabilities(_predictor(cli_trained_recycle, untrained_fold), image)
+    untrained = _probabilities(_predictor(cli_trained_recycle, untrained_recycle_fold), image)
     spread, learned = np.abs(first - second).mean(), np.abs(first - untrained).mean()
     print(f"{sampler}: mean |Δp| of two unseeded runs {spread:.5f}, trained vs untrained {learned:.5f}")
     assert 0 < spread < learned / 10

@@ -19,12 +19,21 @@ def test_resampling_keeps_first_and_last_values_and_evenly_spaced_indices():
 
 
 @pytest.mark.parametrize("steps", [1, 2, 10, 100, 1000])
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("name", ["linear", "ddpm", "cosine"])
 def test_schedules_are_valid_for_small_and_large_T(name, steps):
     a = make_alphas_cumprod(name, steps)
     assert a.shape == (steps,)
     assert torch.all((a > 0) & (a < 1))
     assert torch.all(a[1:] < a[:-1])
+
+
+@pytest.mark.parametrize("steps,last", [(10, 0.905), (100, 0.366), (1000, 4.0e-5)])
+def test_ddpm_schedule_lets_T_set_the_largest_noise(steps, last):
+    # the linear β 1e-4 … 0.02 over exactly T steps: ᾱ_T ≈ exp(−T · 0.01)
+    a = make_alphas_cumprod("ddpm", steps)
+    assert a[0] == pytest.approx(1 - 1e-4)
+    assert a[-1] == pytest.approx(last, rel=0.02)
+    assert make_alphas_cumprod("ddpm", 1)[0] == pytest.approx(1 - 1e-4)
 
 
 def test_cosine_schedule_ends_near_pure_noise_and_starts_near_clean():

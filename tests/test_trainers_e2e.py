@@ -2,7 +2,6 @@
 (its entry point, in this process; tests/test_learning_and_prediction.py runs the command itself)."""
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_diffusion.trainers import __all__ as TRAINER_NAMES
 from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS
@@ -30,13 +28,6 @@ def test_nnunets_own_lookup_finds_every_trainer_through_the_shim_folder(nnunet_w
 
 def test_trainer_names_are_safe_for_nnunet_folder_names():
     assert all("__" not in name for name in TRAINER_NAMES)
-
-
-@pytest.mark.parametrize("trainer_class", SEGMENTATION_TRAINERS, ids=lambda c: c.__name__)
-def test_signatures_match_nnunet_exactly(trainer_class):
-    assert inspect.signature(trainer_class.__init__) == inspect.signature(nnUNetTrainer.__init__)
-    assert inspect.signature(trainer_class.build_network_architecture) == \
-        inspect.signature(nnUNetTrainer.build_network_architecture)
 
 
 @pytest.mark.parametrize("trainer_name", [c.__name__ for c in SEGMENTATION_TRAINERS])

@@ -1,6 +1,6 @@
 """Self-supervised 3-axis Body Part Regressor (BPR): anatomical coordinates that guide diffusion pretraining.
 
-The nnU-Net trainer lives in nnunet_diffusion.bpr.trainer (imported separately, since it pulls in nnU-Net); reading
+The nnU-Net trainer lives in nnunet_diffusion.trainers.bpr (with the plugin's other trainers); reading
 its checkpoints (load_bpr_from_nnunet_checkpoint) needs only this package.
 """
 from nnunet_diffusion.bpr.model import (AXIS_NAMES, BPRConfig, BPRModel, build_bpr, load_bpr,

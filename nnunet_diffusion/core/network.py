@@ -12,6 +12,7 @@ sliding-window predictor, mirroring, `--save_probabilities`, ensembling and fina
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -37,6 +38,28 @@ class TimeContext:
 
     def __init__(self) -> None:
         self.embedding: torch.Tensor | None = None
+
+
+class TimeEmbedding(nn.Sequential):
+    """Sinusoidal embedding of the timestep followed by an MLP: the vector every FiLMNorm of a network reads."""
+
+    def __init__(self, dim: int):
+        super().__init__(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.dim = dim
+
+    def of_timesteps(self, t: torch.Tensor, num_timesteps: int | torch.Tensor) -> torch.Tensor:
+        """(B,) integer timesteps of a T-step schedule → (B, dim); t is embedded as (t + 1) / T · TIME_SCALE."""
+        return self(sinusoidal_embedding((t.float() + 1) / num_timesteps * TIME_SCALE, self.dim))
+
+
+@contextmanager
+def conditioned_on(context: TimeContext, embedding: torch.Tensor) -> Iterator[None]:
+    """Let the FiLM layers sharing `context` read `embedding` for the calls inside the block, and only there."""
+    context.embedding = embedding
+    try:
+        yield
+    finally:
+        context.embedding = None
 
 
 class FiLMNorm(nn.Module):
@@ -141,17 +164,16 @@ class DiffusionSegmentationNetwork(nn.Module):
         self.self_conditioning = self_conditioning
         self.scheduler = DiffusionScheduler(alphas_cumprod)
         self.context = TimeContext()
-        self.time_embedding: nn.Module | None = None
+        self.time_embedding: TimeEmbedding | None = None
         if time_conditioning:
             add_time_conditioning(unet, embedding_dim, self.context)
-            self.time_embedding = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.SiLU(),
-                                                nn.Linear(embedding_dim, embedding_dim))
-            self.embedding_dim = embedding_dim
+            self.time_embedding = TimeEmbedding(embedding_dim)
         self.unet = unet
         speed_up_input_convolution(unet, num_image_channels + codec.num_channels * (2 if self_conditioning else 1))
         self.set_deep_supervision_enabled(unet.decoder.deep_supervision)
         # Part of the state dict so that the predictor, which never sees dataset.json, decodes masks correctly.
         self.register_buffer("uses_sigmoid", torch.tensor(codec.activation == "sigmoid"))
+        self.sampler_settings: SamplerSettings | None = None  # None: the nnUNet_diffusion_* variables decide
 
     @property
     def num_timesteps(self) -> int:
@@ -160,6 +182,16 @@ class DiffusionSegmentationNetwork(nn.Module):
     @property
     def num_mask_channels(self) -> int:
         return self.codec.num_channels
+
+    @contextmanager
+    def sampling_with(self, settings: SamplerSettings) -> Iterator[None]:
+        """Sample with `settings` instead of the environment's in the block: for code that runs nnU-Net's
+        predictor in its own process (the stock commands always read the environment)."""
+        self.sampler_settings = settings.checked_for(self.num_timesteps)
+        try:
+            yield
+        finally:
+            self.sampler_settings = None
 
     def set_mask_activation(self, activation: str) -> None:
         """Called by the trainer once it knows whether labels are regions (sigmoid) or classes (softmax)."""
@@ -185,13 +217,11 @@ class DiffusionSegmentationNetwork(nn.Module):
         inputs = [image, noisy_mask_to_input(x_t).to(image.dtype)]
         if self.self_conditioning:
             inputs.append(torch.zeros_like(inputs[1]) if self_condition is None else self_condition.to(image.dtype))
-        if self.time_embedding is not None:
-            t_continuous = (t.to(image.device).float() + 1) / self.num_timesteps * TIME_SCALE
-            self.context.embedding = self.time_embedding(sinusoidal_embedding(t_continuous, self.embedding_dim))
-        try:
-            return self.unet(torch.cat(inputs, dim=1))
-        finally:
-            self.context.embedding = None
+        unet_input = torch.cat(inputs, dim=1)
+        if self.time_embedding is None:
+            return self.unet(unet_input)
+        with conditioned_on(self.context, self.time_embedding.of_timesteps(t.to(image.device), self.num_timesteps)):
+            return self.unet(unet_input)
 
     def forward(self, image: torch.Tensor, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
                 self_condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,7 +234,7 @@ class DiffusionSegmentationNetwork(nn.Module):
         if not torch.isfinite(image).all():
             raise ValueError("the image holds NaN or inf voxels after nnU-Net's preprocessing, so every sampled "
                              "probability would be NaN; replace them in the input image (e.g. numpy.nan_to_num)")
-        logits = self.sample(image, SamplerSettings.from_environment(self.num_timesteps))
+        logits = self.sample(image, self.sampler_settings or SamplerSettings.from_environment(self.num_timesteps))
         # with deep supervision on (nnU-Net's validation during training) the caller expects a list, full
         # resolution first; sampling produces only that one
         return [logits] if self.unet.decoder.deep_supervision else logits

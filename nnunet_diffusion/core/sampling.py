@@ -1,7 +1,8 @@
 """Sampler settings chosen at prediction time, without retraining, through environment variables.
 
 nnU-Net's predictor only calls `network(x)`, so, like `nnUNet_compile`, these settings travel as documented
-environment variables and are read (and validated) at every sampling call:
+environment variables and are read (and validated) at every sampling call; code that drives the predictor in
+its own process passes a `SamplerSettings` instead (`DiffusionSegmentationNetwork.sampling_with`):
 
 - `nnUNet_diffusion_sampler`: `ddim` (default, η = 0) or `ddpm`
 - `nnUNet_diffusion_steps`: number of sampling steps K, 1..T (default: T, the training timesteps)
@@ -38,17 +39,21 @@ class SamplerSettings:
         if self.early_exit_tolerance is not None and not 0 <= self.early_exit_tolerance <= 1:
             raise ValueError(f"{ENV_EARLY_EXIT} must be a number in [0, 1], got {self.early_exit_tolerance}")
 
+    def checked_for(self, num_timesteps: int) -> "SamplerSettings":
+        """These settings, after checking that a model trained with `num_timesteps` steps can run them."""
+        if self.steps > num_timesteps:
+            raise ValueError(f"{ENV_STEPS}={self.steps} exceeds the {num_timesteps} timesteps this model was "
+                             f"trained with; use a value in 1..{num_timesteps}")
+        return self
+
     @classmethod
     def from_environment(cls, num_timesteps: int) -> "SamplerSettings":
         """Read and validate the nnUNet_diffusion_* variables for a model trained with `num_timesteps` steps."""
         sampler = os.environ.get(ENV_SAMPLER, "ddim").strip().lower()
         steps = _parse(ENV_STEPS, int, str(num_timesteps))
-        if steps > num_timesteps:
-            raise ValueError(f"{ENV_STEPS}={steps} exceeds the {num_timesteps} timesteps this model was trained "
-                             f"with; use a value in 1..{num_timesteps}")
         seed = _parse(ENV_SEED, int, None)
         tolerance = _parse(ENV_EARLY_EXIT, float, None)
-        return cls(sampler=sampler, steps=steps, seed=seed, early_exit_tolerance=tolerance)
+        return cls(sampler=sampler, steps=steps, seed=seed, early_exit_tolerance=tolerance).checked_for(num_timesteps)
 
 
 def check_environment(num_timesteps: int) -> SamplerSettings:

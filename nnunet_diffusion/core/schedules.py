@@ -1,8 +1,10 @@
 """Noise schedules as cumulative products ᾱ_t, so that training and sampling share one definition.
 
-The reference schedule of Fu et al. is a linear β schedule over 1001 steps resampled to T steps by keeping ᾱ
-at evenly spaced indices (for T = 5: 0, 250, 500, 750, 1000). The cosine schedule (Nichol & Dhariwal) is
-defined directly on T steps and stays valid for any small T, which the pretraining ablations need.
+The reference schedule of Fu et al. ("linear") is a linear β schedule over 1001 steps resampled to T steps by
+keeping ᾱ at evenly spaced indices (for T = 5: 0, 250, 500, 750, 1000), so every T ends near pure noise. DDPM's
+own schedule ("ddpm") runs the linear β (1e-4 … 0.02) over exactly T steps, so T sets the largest noise
+(ᾱ at the last step: 0.90 for T = 10, 0.37 for T = 100, 4e-5 for T = 1000): the meaning of T in the pretraining
+timestep ablation. The cosine schedule (Nichol & Dhariwal) is defined directly on T steps.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 
 import torch
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "ddpm", "cosine")
 
 
 def linear_alphas_cumprod(num_steps: int = 1001, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -46,6 +48,8 @@ def make_alphas_cumprod(name: str, num_steps: int) -> torch.Tensor:
         raise ValueError(f"a schedule needs at least 1 step, got {num_steps}")
     if name == "linear":
         return resample_alphas_cumprod(linear_alphas_cumprod(), num_steps)
+    if name == "ddpm":
+        return linear_alphas_cumprod(num_steps)
     if name == "cosine":
         return cosine_alphas_cumprod(num_steps)
     raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")

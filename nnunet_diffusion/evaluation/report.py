@@ -11,6 +11,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from nnunet_diffusion import utils
+
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """One row per mapping; columns are the union of the keys in first-seen order, missing cells left empty."""
@@ -38,9 +40,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     """A GitHub Markdown table of `columns`; floats get 4 decimals, missing cells stay empty."""
     if not columns:
         raise ValueError("markdown_table needs at least one column")
-    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return utils.markdown_table([_cell(c) for c in columns],
+                                [[_cell(row.get(c, "")) for c in columns] for row in rows]) + "\n"
 
 
 def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_png: str | Path) -> Path:

@@ -1,7 +1,6 @@
 """`nnunet-diffusion uncertainty`: N diffusion samples per case → mean segmentation and a per-voxel uncertainty map.
 
-Each sample is nnU-Net's own prediction with its own `nnUNet_diffusion_seed` (the network reads the variable at
-every call) exported with `--save_probabilities`. The segmentation of the mean probabilities is written by
+Each sample is nnU-Net's own prediction with its own sampler seed, exported with `--save_probabilities`. The segmentation of the mean probabilities is written by
 nnU-Net's ensembling (`merge_files`, what `nnUNetv2_ensemble` runs per case) as `<case><ending>`; next to it the
 map (`entropy`: entropy of the mean probabilities; `variance`: per-class variance across samples, averaged over
 classes) as `<case>_<measure><ending>`, a float image in the input image's geometry.
@@ -12,6 +11,7 @@ import argparse
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +19,13 @@ import torch
 from nnunetv2.ensembling.ensemble import merge_files
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS
+from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_STEPS, SamplerSettings
 from nnunet_diffusion.core.scheduler import SAMPLERS
 from nnunet_diffusion.environment import EXT_TRAINER_VARIABLE, ext_trainer_value
 from nnunet_diffusion.evaluation.sampling_runs import (diffusion_network, export, find_cases,
                                                        load_predictor, preprocess, read_model_folder,
                                                        read_probabilities)
 from nnunet_diffusion.evaluation.uncertainty import entropy_of_mean, variance_across_samples, write_map_like
-from nnunet_diffusion.utils import environment
 
 MEASURES = {"entropy": entropy_of_mean, "variance": variance_across_samples}
 
@@ -47,7 +46,8 @@ def predict_uncertainty(model_folder: str | Path, images: str | Path, output: st
         raise ValueError(f"need at least 2 distinct seeds (one sample each), got {list(seeds)}")
     model = read_model_folder(model_folder, folds, checkpoint)
     predictor = load_predictor(model, folds, checkpoint, torch.device(device), use_mirroring)
-    if diffusion_network(predictor) is None:
+    network = diffusion_network(predictor)
+    if network is None:
         raise ValueError(f"{model.path} was trained with {model.trainer}, not a diffusion trainer: its predictions "
                          f"do not depend on the seed, so samples would all be equal")
     if measure == "entropy" and predictor.label_manager.has_regions:
@@ -61,7 +61,8 @@ def predict_uncertainty(model_folder: str | Path, images: str | Path, output: st
     cases = find_cases(images, ending, len(model.dataset_json["channel_names"]))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    overrides = {k: str(v) for k, v in ((ENV_SAMPLER, sampler), (ENV_STEPS, steps)) if v is not None}
+    chosen = SamplerSettings.from_environment(network.num_timesteps)
+    chosen = replace(chosen, **{k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})
     maps = []
     with tempfile.TemporaryDirectory(prefix="nnunet_diffusion_samples_") as scratch:
         samples = output / "samples" if keep_samples else Path(scratch)
@@ -70,7 +71,7 @@ def predict_uncertainty(model_folder: str | Path, images: str | Path, output: st
             probability_files = []
             for j, seed in enumerate(seeds, 1):
                 print(f"case {i}/{len(cases)} {case.name}: sample {j}/{len(seeds)} (seed {seed})", flush=True)
-                with environment(**overrides, **{ENV_SEED: str(seed)}):
+                with network.sampling_with(replace(chosen, seed=seed)):
                     logits = predictor.predict_logits_from_preprocessed_data(data)
                 truncated = samples / f"seed_{seed}" / case.name
                 export(predictor, logits, properties, truncated, save_probabilities=True)

@@ -19,8 +19,8 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_diffusion.core.network import (TIME_SCALE, TimeContext, add_time_conditioning, build_unet_from_plans,
-                                           sinusoidal_embedding)
+from nnunet_diffusion.core.network import (TimeContext, TimeEmbedding, add_time_conditioning, build_unet_from_plans,
+                                           conditioned_on)
 from nnunet_diffusion.pretraining.bpr_guidance import BPR_MAP_CHANNELS, EmbeddedBPR
 from nnunet_diffusion.pretraining.heads import LinearProbeHead, NonLinearProbeHead
 
@@ -60,11 +60,10 @@ class PretrainedBackbone(nn.Module):
         self.spec = spec
         self.bpr = bpr
         self.context = TimeContext()
-        self.time_embedding: nn.Module | None = None
+        self.time_embedding: TimeEmbedding | None = None
         if spec.time_conditioning:
             add_time_conditioning(unet, EMBEDDING_DIM, self.context)
-            self.time_embedding = nn.Sequential(nn.Linear(EMBEDDING_DIM, EMBEDDING_DIM), nn.SiLU(),
-                                                nn.Linear(EMBEDDING_DIM, EMBEDDING_DIM))
+            self.time_embedding = TimeEmbedding(EMBEDDING_DIM)
             self.register_buffer("num_timesteps", torch.tensor(0))
         self.unet = unet
         self.register_buffer("holds_pretrained_weights", torch.tensor(False))
@@ -82,12 +81,9 @@ class PretrainedBackbone(nn.Module):
             return self.unet(unet_input)
         if t is None:
             raise ValueError("a time-conditioned backbone needs timesteps t (one per sample)")
-        t_continuous = (t.to(unet_input.device).float() + 1) / self.num_timesteps.float() * TIME_SCALE
-        self.context.embedding = self.time_embedding(sinusoidal_embedding(t_continuous, EMBEDDING_DIM))
-        try:
+        embedding = self.time_embedding.of_timesteps(t.to(unet_input.device), self.num_timesteps.float())
+        with conditioned_on(self.context, embedding):
             return self.unet(unet_input)
-        finally:
-            self.context.embedding = None
 
 
 class PretrainingNetwork(PretrainedBackbone):

@@ -11,10 +11,9 @@ at every t (`...AllT`), no time conditioning (`...NoTime`), Dice + focal loss (`
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
+from nnunetv2.utilities.helpers import softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 
 from nnunet_diffusion.core.losses import DiceFocalLoss, per_sample_cross_entropy
 from nnunet_diffusion.core.masks import MaskCodec, full_resolution
@@ -25,7 +24,8 @@ from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.strategies import (PlainDiffusion, Recycling, RecyclingAllSteps, RecyclingNext,
                                               SelfConditioning, SelfConditioningNext, TrainingStrategy)
 from nnunet_diffusion.core.timesteps import make_timestep_sampler
-from nnunet_diffusion.trainer_support import TimestepLossLog, backward_and_step, ensure_checkpoint_fits, unwrap
+from nnunet_diffusion.trainer_support import TimestepLossLog, ensure_checkpoint_fits, unwrap
+from nnunet_diffusion.trainers.base import PluginTrainer
 
 TIMESTEP_SAMPLER_KEY = "timestep_sampler"
 
@@ -35,7 +35,7 @@ def _sample(output: torch.Tensor | list[torch.Tensor], i: int) -> torch.Tensor |
     return [o[i:i + 1] for o in output] if isinstance(output, list) else output[i:i + 1]
 
 
-class nnUNetTrainerDiff(nnUNetTrainer):
+class nnUNetTrainerDiff(PluginTrainer):
     """Plain diffusion segmentation ('Diff.'): noise the ground truth at a random t, predict x0."""
     strategy_class: type[TrainingStrategy] = PlainDiffusion
     noise_schedule = "linear"
@@ -49,10 +49,6 @@ class nnUNetTrainerDiff(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.is_cascaded:
-            raise ValueError(f"{type(self).__name__} does not support cascaded configurations "
-                             f"({configuration} uses the segmentation of {self.configuration_manager.previous_stage_name}); "
-                             f"train a full-resolution configuration such as 3d_fullres")
         self.enable_deep_supervision = self.x0_deep_supervision
         if self.training_epochs is not None:
             self.num_epochs = self.training_epochs
@@ -81,9 +77,6 @@ class nnUNetTrainerDiff(nnUNetTrainer):
         super().initialize()
         unwrap(self.network).set_mask_activation(self.codec.activation)
 
-    def set_deep_supervision_enabled(self, enabled: bool):
-        unwrap(self.network).set_deep_supervision_enabled(enabled)
-
     def _build_loss(self):
         """nnU-Net's loss (with its deep-supervision weights when on); the focal variants swap the inner loss."""
         loss = super()._build_loss()
@@ -111,7 +104,7 @@ class nnUNetTrainerDiff(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
+        with self.precision():
             final = self.strategy.final_pass(self.codec.encode(full_resolution(target)),
                                              lambda x_t, t, condition: self.network(data, x_t, t, condition))
             output = self.network(data, final.x_t, final.t, final.self_condition)
@@ -120,7 +113,7 @@ class nnUNetTrainerDiff(nnUNetTrainer):
             else:
                 per_sample = self._per_sample_losses(output, target)
                 loss = (per_sample * final.weight).mean()
-        backward_and_step(self, loss)
+        self.backward_and_step(loss)
         if self.strategy.timestep_sampler.needs_losses:
             self.strategy.timestep_sampler.update(final.t, per_sample)
         with torch.no_grad():

@@ -35,21 +35,17 @@ from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResol
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
-from torch import distributed as dist
-from torch._dynamo import OptimizedModule
+from torch import nn
 
-from nnunet_diffusion.bpr.model import (AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel,
-                                        load_bpr_from_nnunet_checkpoint)
+from nnunet_diffusion.bpr.model import AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel
 from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, ordering_spearman, sample_equidistant_slices
-from nnunet_diffusion.trainer_support import backward_and_step
+from nnunet_diffusion.trainer_support import unwrap
+from nnunet_diffusion.trainers.base import PluginTrainer
 from nnunet_diffusion.utils import nanmean
 
-__all__ = ["nnUNetTrainerBPR", "nnUNetTrainerBPR_smoke", "load_bpr_from_nnunet_checkpoint"]
+__all__ = ["nnUNetTrainerBPR", "nnUNetTrainerBPR_smoke"]
 
 
 def _valid_box(target: torch.Tensor) -> tuple[slice, slice, slice]:
@@ -67,7 +63,7 @@ def _nan_to_none(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-class nnUNetTrainerBPR(nnUNetTrainer):
+class nnUNetTrainerBPR(PluginTrainer):
     """Self-supervised 3-axis Body Part Regressor trained on nnU-Net patches (see the module docstring).
 
     Settings are class attributes (nnU-Net rebuilds trainers from their __init__ signature, so no new
@@ -117,9 +113,8 @@ class nnUNetTrainerBPR(nnUNetTrainer):
         model.config = dataclasses.replace(model.config, configuration=self.configuration_name)
 
     def bpr_model(self) -> BPRModel:
-        """The BPR itself, without DDP wrapper."""
-        network = self.network.module if self.is_ddp else self.network
-        return network._orig_mod if isinstance(network, OptimizedModule) else network
+        """The BPR itself, without DDP or compile wrapper."""
+        return unwrap(self.network)
 
     def _do_i_compile(self) -> bool:
         """Never: slice shapes change with the axis, so a compiled BPR would be recompiled over and over."""
@@ -211,7 +206,7 @@ class nnUNetTrainerBPR(nnUNetTrainer):
         return torch.cat(stacks).to(self.device, non_blocking=True), torch.tensor(steps_mm, device=self.device)
 
     def _stack_scores(self, stacks: torch.Tensor, axis: int) -> torch.Tensor:
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.precision():
             scores = self.network(stacks, axis)
         return scores.float().reshape(-1, self.bpr_num_slices)
 
@@ -227,7 +222,7 @@ class nnUNetTrainerBPR(nnUNetTrainer):
         stacks, steps_mm = self._sample_stacks(batch, axis)
         self.optimizer.zero_grad(set_to_none=True)
         loss, _ = self.loss(self._stack_scores(stacks, axis), steps_mm)
-        backward_and_step(self, loss)
+        self.backward_and_step(loss)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
@@ -244,18 +239,11 @@ class nnUNetTrainerBPR(nnUNetTrainer):
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
         outputs = collate_outputs(val_outputs)
-        spearman = outputs["spearman"].reshape(-1, 3)
-        loss = np.mean(outputs["loss"])
-        if self.is_ddp:
-            gathered_spearman, gathered_losses = [None] * dist.get_world_size(), [None] * dist.get_world_size()
-            dist.all_gather_object(gathered_spearman, spearman)
-            dist.all_gather_object(gathered_losses, outputs["loss"])
-            spearman, loss = np.vstack(gathered_spearman), np.mean(np.concatenate(gathered_losses))
+        spearman = self.gather_from_ranks(outputs["spearman"].reshape(-1, 3))
+        loss = float(np.mean(self.gather_from_ranks(outputs["loss"])))
         # An axis without any defined correlation (constant scores) counts as no ordering at all.
         per_axis = np.nan_to_num([nanmean(list(column)) for column in spearman.T], nan=0.0)
-        self.logger.log("mean_fg_dice", float(per_axis.mean()), self.current_epoch)
-        self.logger.log("dice_per_class_or_region", per_axis.tolist(), self.current_epoch)
-        self.logger.log("val_losses", loss, self.current_epoch)
+        self.log_validation(float(per_axis.mean()), per_axis.tolist(), loss)
         self.print_to_log_file("validation Spearman (axial, coronal, sagittal):", np.round(per_axis, 4).tolist())
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
