@@ -84,7 +84,7 @@ def test_nonlinear_head_is_pointwise_and_not_linear():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_a_head_on_cached_voxel_features_gives_the_logits_of_those_voxels_in_the_volume(ndim):
-    """bench/pretraining_experiment.py trains heads on cached features: the same head, the same logits."""
+    """experiments/pretraining_phantom.py trains heads on cached features: the same head, the same logits."""
     torch.manual_seed(0)
     size = (8,) * ndim
     levels = [torch.randn(2, 6, *(4,) * ndim), torch.randn(2, 3, *size)]

@@ -26,8 +26,8 @@ Two ways to train the probe head, both on the probe trainer's own network (backb
                           (Dice + CE, SGD, augmentation). On a 2-core CPU it needs thousands of iterations before
                           the head leaves the all-background solution (docs/pretraining.md, section 6).
 
-    python bench/pretraining_experiment.py --workdir /tmp/pretraining_experiment
-    python bench/pretraining_experiment.py --workdir /tmp/pretraining_experiment \
+    python experiments/pretraining_phantom.py --workdir /tmp/pretraining_experiment
+    python experiments/pretraining_phantom.py --workdir /tmp/pretraining_experiment \
         --real-ct ../shared/data/totalseg_examples/example_ct.nii.gz    # also: the BPR on a real CT
 
 With --real-ct the phantom-trained BPR also scores real CT volumes (converted with images-to-dataset, preprocessed
