@@ -144,7 +144,7 @@ def evaluate(workdir: Path, arm: Arm, fold: int) -> dict:
     if unit.is_file():
         return json.loads(unit.read_text())
     from nnunet_diffusion.evaluation.evaluate import EvaluationOptions, evaluate_models
-    from nnunet_diffusion.runs import epoch_seconds
+    from nnunet_diffusion.runs import epoch_seconds, training_log
     from nnunet_diffusion.utils import environment
     options = EvaluationOptions(folds=(fold,), samplers=("ddim", "ddpm"), seeds=(0,), device="cpu",
                                 use_mirroring=False, save_probabilities=True)
@@ -153,14 +153,12 @@ def evaluate(workdir: Path, arm: Arm, fold: int) -> dict:
         results = evaluate_models([fold_folder(workdir, arm, fold).parent], workdir / "test" / f"fold_{fold}" / "images",
                                   workdir / "test" / f"fold_{fold}" / "labels", output, options)
         seconds = time.perf_counter() - start
-    checkpoint = fold_folder(workdir, arm, fold) / "checkpoint_final.pth"
-    import torch
-    logging = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+    logging = training_log(fold_folder(workdir, arm, fold) / "checkpoint_final.pth")
     runs = 1 if not arm.diffusion else 2
     record = {"arm": arm.label, "trainer": arm.trainer, "repeat": arm.repeat, "fold": fold,
               "case": results["cases"][0],
               "dice": {f"{r['sampler']}/{r['step']}": r["Dice"] for r in results["per_case"]},
-              "epoch_seconds": epoch_seconds(checkpoint), "pseudo_dice": [float(x) for x in logging["mean_fg_dice"]],
+              "epoch_seconds": epoch_seconds(logging), "pseudo_dice": [float(x) for x in logging["mean_fg_dice"]],
               "train_loss": [float(x) for x in logging["train_losses"]],
               "predict_seconds_per_run": seconds / runs, "output": str(output)}
     unit.write_text(json.dumps(record, indent=1))

@@ -44,7 +44,11 @@ def train_model(dataset: str, configuration: str, fold: int | str, trainer_name:
     return trainer
 
 
-def epoch_seconds(checkpoint_file: str | Path) -> list[float]:
+def training_log(checkpoint_file: str | Path) -> dict:
+    """nnU-Net's logger values (losses, pseudo-Dice, epoch timestamps) stored in a checkpoint."""
+    return torch.load(checkpoint_file, map_location="cpu", weights_only=False)["logging"]
+
+
+def epoch_seconds(logging: dict) -> list[float]:
     """Wall-clock seconds of every epoch (training and its validation), from nnU-Net's logged timestamps."""
-    logging = torch.load(checkpoint_file, map_location="cpu", weights_only=False)["logging"]
     return [end - start for start, end in zip(logging["epoch_start_timestamps"], logging["epoch_end_timestamps"])]
