@@ -270,7 +270,8 @@ def paired_differences(rows: list[dict], steps: int) -> list[dict]:
             diffs = np.array([row_a["per_case"][c] - row_b["per_case"][c] for c in cases])
             low, high = bootstrap_interval(diffs)
             one_pass = row_a["sampler"] == "-" and row_b["sampler"] == "-"
-            out.append({"a": a, "b": b, "sampler": "-" if one_pass else sampler, "cases": len(cases), "mean_difference": float(diffs.mean()),
+            out.append({"a": a, "b": b, "sampler": "-" if one_pass else sampler, "cases": len(cases),
+                        "mean_difference": float(diffs.mean()),
                         "interval_95": [low, high], "per_case": dict(zip(cases, diffs.tolist()))})
             if one_pass:
                 break

@@ -1,4 +1,5 @@
-"""Derive small inheriting configurations from a dataset's nnU-Net plans, using the presets in `nnunet_diffusion/presets/`.
+"""Derive small inheriting configurations from a dataset's nnU-Net plans, using the presets in
+`nnunet_diffusion/presets/`.
 
 An inheriting configuration reuses the parent's preprocessed data (same `data_identifier`), so a CPU-sized
 variant costs no re-preprocessing; only patch size, batch size and feature widths change.

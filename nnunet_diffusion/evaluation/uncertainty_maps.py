@@ -1,9 +1,10 @@
 """`nnunet-diffusion uncertainty`: N diffusion samples per case → mean segmentation and a per-voxel uncertainty map.
 
-Each sample is nnU-Net's own prediction with its own sampler seed, exported with `--save_probabilities`. The segmentation of the mean probabilities is written by
-nnU-Net's ensembling (`merge_files`, what `nnUNetv2_ensemble` runs per case) as `<case><ending>`; next to it the
-map (`entropy`: entropy of the mean probabilities; `variance`: per-class variance across samples, averaged over
-classes) as `<case>_<measure><ending>`, a float image in the input image's geometry.
+Each sample is nnU-Net's own prediction with its own sampler seed, exported with `--save_probabilities`. The
+segmentation of the mean probabilities is written by nnU-Net's ensembling (`merge_files`, what
+`nnUNetv2_ensemble` runs per case) as `<case><ending>`; next to it the map (`entropy`: entropy of the mean
+probabilities; `variance`: per-class variance across samples, averaged over classes) as
+`<case>_<measure><ending>`, a float image in the input image's geometry.
 """
 from __future__ import annotations
 
