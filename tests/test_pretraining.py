@@ -19,7 +19,7 @@ from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.trainers.pretraining import (PRETRAINING_TRAINERS, TIMESTEP_VARIANTS, nnUNetTrainerDiffPretrain,
                                                    nnUNetTrainerDiffPretrainBPR, nnUNetTrainerDiffPretrainBPRX0,
-                                                   nnUNetTrainerDiffPretrainX0, nnUNetTrainerRestorePretrain)
+                                                   nnUNetTrainerDiffPretrainX0)
 from nnunet_diffusion.trainers.probes import PROBE_TRAINERS
 from nnunet_runs import CONFIGURATION, PLANS, predict, train_in_process
 
@@ -190,15 +190,18 @@ def test_bpr_pretraining_without_the_variable_stops_before_training(demo_dataset
 
 @pytest.fixture(scope="module")
 def pretrained(demo_dataset, bpr_checkpoint):
-    """Each base pretraining trainer, trained for one iteration by nnU-Net's loop (found by nnU-Net's lookup)."""
+    """Each base pretraining trainer, the x0 variant and one timestep variant, trained for one iteration by
+    nnU-Net's loop (found by nnU-Net's lookup)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(BPR_CHECKPOINT_VARIABLE, str(bpr_checkpoint))
-        return {cls.__name__: train_in_process(demo_dataset, cls.__name__, iterations=1, validate=True)
-                for cls in (nnUNetTrainerDiffPretrainBPR, nnUNetTrainerDiffPretrain, nnUNetTrainerRestorePretrain)}
+        return {name: train_in_process(demo_dataset, name, iterations=1, validate=True) for name in PRETRAINED}
 
 
-@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerDiffPretrain",
-                                          "nnUNetTrainerRestorePretrain"])
+PRETRAINED = ["nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerDiffPretrainBPRX0_T30", "nnUNetTrainerDiffPretrain",
+              "nnUNetTrainerRestorePretrain"]
+
+
+@pytest.mark.parametrize("trainer_name", PRETRAINED)
 def test_pretraining_logs_nnunet_keys_and_writes_a_self_contained_checkpoint(pretrained, trainer_name):
     trainer = pretrained[trainer_name]
     log = trainer.logger.get_checkpoint()
@@ -211,12 +214,13 @@ def test_pretraining_logs_nnunet_keys_and_writes_a_self_contained_checkpoint(pre
     weights = checkpoint["network_weights"]
     assert bool(weights["holds_pretrained_weights"])
     assert all(t.device.type == "cpu" for t in weights.values())
-    if trainer_name == "nnUNetTrainerDiffPretrainBPR":
+    if trainer_name.startswith("nnUNetTrainerDiffPretrainBPR"):
         assert bool(weights["bpr.loaded"]) and any(k.startswith("bpr.model.trunk") for k in weights)
         assert not any(p.requires_grad for p in trainer.network.bpr.parameters())
     with open(f"{trainer.output_folder}/validation/pretext_validation.json") as file:
         summary = json.load(file)
     assert summary["final_val_loss"] == pytest.approx(log["val_losses"][-1])
+    assert summary["objective"] == trainer.objective
     assert all(name in summary["usage"] for name in trainer.backbone.probe_trainers)
 
 
