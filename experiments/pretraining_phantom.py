@@ -100,15 +100,14 @@ def prepare_datasets(workdir: Path, args: argparse.Namespace) -> None:
     """Both phantoms, planned and preprocessed with one set of plans, as docs/pretraining.md describes."""
     from nnunet_diffusion.datasets.phantom import generate_phantom_dataset
     from nnunet_diffusion.demo import run_logged
-    from nnunet_diffusion.plans import write_preset_plans
+    from nnunet_diffusion.plans import plan_and_preprocess_with_preset
 
     raw, preprocessed = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
     log = workdir / "preprocessing.log"
     if not (preprocessed / f"Dataset{PRETRAIN_ID}_PhantomPretrain" / f"{PLANS}.json").is_file():
         generate_phantom_dataset(raw, PRETRAIN_ID, "PhantomPretrain", args.pretrain_cases, 0, seed=1, overwrite=True)
-        run_logged(["nnUNetv2_plan_and_preprocess", "-d", str(PRETRAIN_ID), "-c", "3d_fullres", "-np", "2",
-                    "--verify_dataset_integrity"], dict(os.environ), log)
-        write_preset_plans(preprocessed_folder(PRETRAIN_ID), PRESET)
+        plan_and_preprocess_with_preset(PRETRAIN_ID, PRESET, preprocessed,
+                                        lambda command: run_logged(command, dict(os.environ), log))
     if not (preprocessed / f"Dataset{PROBE_ID}_Phantom" / f"{PLANS}.json").is_file():
         generate_phantom_dataset(raw, PROBE_ID, "Phantom", args.probe_cases, args.test_cases, seed=0, overwrite=True)
         preprocess_with_pretraining_plans(PROBE_ID, log)
@@ -218,67 +217,18 @@ def probe_network(backbone: Backbone, weights: Path, plans: tuple, seed: int) ->
     return network
 
 
-def tile_starts(length: int) -> list[int]:
-    """Start indices of TILE-long windows with stride TILE_STRIDE that cover an axis of `length` (>= TILE)."""
-    if length < TILE:
-        raise ValueError(f"probe cases must be at least {TILE} voxels along every axis; one has {length}")
-    return sorted(set(range(0, length - TILE, TILE_STRIDE)) | {length - TILE})
-
-
-@torch.no_grad()
-def cached_features(network: torch.nn.Module, data_identifier: str, voxels_per_tile: int, seed: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen multi-scale features (levels upsampled and concatenated: what the head's first layer reads) and
-    labels of sampled voxels from TILE^3 tiles of every preprocessed probe case; half of each tile's sample is
-    foreground, so that small organs are represented."""
+def probe_cases(data_identifier: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, labels) of every preprocessed probe case; voxels outside nnU-Net's crop mask (−1) count as background."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-    from nnunet_diffusion.pretraining.heads import concatenated_levels
 
     data_folder = preprocessed_folder(PROBE_ID) / data_identifier
     dataset = infer_dataset_class(str(data_folder))(str(data_folder))
-    generator = torch.Generator().manual_seed(seed)
-    network.eval()
-    features, labels = [], []
+    cases = []
     for key in dataset.identifiers:
         data, seg, _, _ = dataset.load_case(key)
-        image = torch.from_numpy(np.asarray(data)).float()
-        label = torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)  # −1, outside the crop mask: background
-        for z in tile_starts(image.shape[1]):
-            for y in tile_starts(image.shape[2]):
-                for x in tile_starts(image.shape[3]):
-                    window = (slice(z, z + TILE), slice(y, y + TILE), slice(x, x + TILE))
-                    levels = network.decoder_features(image[(slice(None), *window)][None])
-                    tile = concatenated_levels(levels, (TILE,) * 3).flatten(2)[0]
-                    tile_labels = label[window].flatten()
-                    foreground = torch.nonzero(tile_labels > 0)[:, 0]
-                    chosen = foreground[torch.randperm(len(foreground), generator=generator)[:voxels_per_tile // 2]]
-                    rest = torch.randint(len(tile_labels), (voxels_per_tile - len(chosen),), generator=generator)
-                    chosen = torch.cat([chosen, rest])
-                    features.append(tile[:, chosen].T.clone())
-                    labels.append(tile_labels[chosen])
-    return torch.cat(features), torch.cat(labels)
-
-
-def train_head_on_cached(network: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, seed: int,
-                         args: argparse.Namespace) -> list[float]:
-    """Train the probe's own head on cached voxel features (Adam, cross-entropy)."""
-    from nnunet_diffusion.pretraining.heads import head_on_voxels
-    from nnunet_diffusion.pretraining.network import decoder_level_channels
-
-    head, level_channels = network.head, decoder_level_channels(network.unet)
-    optimizer = torch.optim.Adam(head.parameters(), args.probe_lr)
-    generator = torch.Generator().manual_seed(seed)
-    head.train()
-    losses = []
-    for _ in range(args.probe_iterations):
-        index = torch.randint(len(labels), (args.probe_batch_voxels,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(head_on_voxels(head, features[index], level_channels), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+        cases.append((torch.from_numpy(np.asarray(data)).float(),
+                      torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)))
+    return cases
 
 
 def probe_cached(backbone: Backbone, weights: Path, output: Path, seed: int, args: argparse.Namespace) -> dict:
@@ -286,10 +236,14 @@ def probe_cached(backbone: Backbone, weights: Path, output: Path, seed: int, arg
     `seed` sets the head's initialisation, the cached voxels and the order of the batches."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from nnunet_diffusion.pretraining.cached_probing import cached_features, train_head_on_cached
+
     plans_manager, configuration, dataset_json = plans = probe_plans()
     network = probe_network(backbone, weights, plans, seed)
-    features, labels = cached_features(network, configuration.data_identifier, args.voxels_per_tile, seed)
-    losses = train_head_on_cached(network, features, labels, seed, args)
+    features, labels = cached_features(network, probe_cases(configuration.data_identifier), TILE, TILE_STRIDE,
+                                       args.voxels_per_tile, seed)
+    losses = train_head_on_cached(network, features, labels, args.probe_iterations, args.probe_lr,
+                                  args.probe_batch_voxels, seed)
     network.eval()
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(args.device), allow_tqdm=False)
     predictor.manual_initialization(network, plans_manager, configuration, [network.state_dict()], dataset_json,

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_diffusion.utils import markdown_table
+from nnunet_diffusion.plans import plan_and_preprocess_with_preset
+from nnunet_diffusion.utils import markdown_table, model_folder
 
 DATASET_ID = 501
 DATASET = "Dataset501_BraTS2013WT"
@@ -92,11 +93,8 @@ def prepare(workdir: Path, source: Path) -> list[str]:
     if not (raw / "dataset.json").is_file():
         run(["nnunet-diffusion", "convert-brats", str(source), "--raw-root", str(workdir / "raw"), "--dataset-id",
              str(DATASET_ID), "--spacing", "2", "--whole-tumour"], env, log)
-    if not (preprocessed / "nnUNetPlans_2d").is_dir():
-        run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2",
-             "--verify_dataset_integrity"], env, log)
     if not (preprocessed / f"{PLANS}.json").is_file():
-        run(["nnunet-diffusion", "plans", str(DATASET_ID), "--preset", PRESET], env, log)
+        plan_and_preprocess_with_preset(DATASET_ID, PRESET, preprocessed.parent, lambda command: run(command, env, log))
     cases = sorted(f.name[:-len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
     splits = [{"train": [c for c in cases if c != held_out], "val": [held_out]} for held_out in cases]
     (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1))
@@ -116,8 +114,8 @@ def _link(source: Path, target: Path) -> None:
 
 
 def fold_folder(workdir: Path, arm: Arm, fold: int) -> Path:
-    return workdir / "results" / f"repeat_{arm.repeat}" / DATASET / f"{arm.trainer}__{PLANS}__{CONFIGURATION}" / \
-        f"fold_{fold}"
+    return model_folder(workdir / "results" / f"repeat_{arm.repeat}", DATASET, arm.trainer, PLANS,
+                        CONFIGURATION) / f"fold_{fold}"
 
 
 def train(workdir: Path, arm: Arm, fold: int, args: argparse.Namespace) -> None:
@@ -171,24 +169,15 @@ def ensemble(workdir: Path, arm: Arm, fold: int, stock: dict) -> dict:
     cached = output / "ensemble.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    from nnunetv2.ensembling.ensemble import merge_files
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
+    from nnunet_diffusion.evaluation.ablation import ensemble_folders
     from nnunet_diffusion.evaluation.metrics import evaluate_folder
     stock_folder = Path(stock["output"]) / "predictions" / STOCK
-    dataset_json = json.loads((stock_folder / "dataset.json").read_text())
-    plans_manager = PlansManager(json.loads((stock_folder / "plans.json").read_text()))
-    label_manager = plans_manager.get_label_manager(dataset_json)
     unit = evaluate(workdir, arm, fold)
     dice = {}
     for sampler in ("ddim", "ddpm"):
-        folder = output / sampler
-        folder.mkdir(parents=True, exist_ok=True)
         diffusion_folder = Path(unit["output"]) / "predictions" / arm.trainer / sampler / "seed_0"
-        merge_files([str(diffusion_folder / f"{stock['case']}.npz"), str(stock_folder / f"{stock['case']}.npz")],
-                    str(folder / stock["case"]), dataset_json["file_ending"],
-                    plans_manager.image_reader_writer_class(), label_manager)
-        scores = evaluate_folder(folder, workdir / "test" / f"fold_{fold}" / "labels", [1], dataset_json["file_ending"])
+        folder = ensemble_folders(diffusion_folder, stock_folder, [stock["case"]], output / sampler)
+        scores = evaluate_folder(folder, workdir / "test" / f"fold_{fold}" / "labels", [1], ".nii.gz")
         dice[sampler] = scores["foreground_mean"]["Dice"]
     cached.write_text(json.dumps(dice))
     return dice

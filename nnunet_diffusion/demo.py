@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nnunet_diffusion.datasets.synthetic import LABELS, generate_synthetic_dataset
 from nnunet_diffusion.environment import with_plugin_environment
-from nnunet_diffusion.utils import markdown_table
+from nnunet_diffusion.utils import markdown_table, model_folder
 
 DATASET_ID = 990
 DATASET_NAME = "DiffusionDemo"
@@ -54,7 +54,7 @@ def run_demo(workdir: Path, trainers: tuple[str, ...] = TRAINERS, num_train: int
              seed: int = 0) -> list[dict]:
     """Run the demo in `workdir` and return one row of mean Dice per trainer."""
     from nnunet_diffusion.evaluation.metrics import evaluate_folder
-    from nnunet_diffusion.plans import write_preset_plans
+    from nnunet_diffusion.plans import plan_and_preprocess_with_preset
 
     workdir = workdir.resolve()
     raw, preprocessed, results = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed", workdir / "nnUNet_results"
@@ -71,13 +71,13 @@ def run_demo(workdir: Path, trainers: tuple[str, ...] = TRAINERS, num_train: int
                                          seed=seed, overwrite=True)
     print("[2/5] planning and preprocessing with nnU-Net", flush=True)
     shutil.rmtree(preprocessed / dataset.name, ignore_errors=True)
-    run_logged(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2",
-                "--verify_dataset_integrity"], env, log)
-    print(f"      CPU-sized configuration: {write_preset_plans(preprocessed / dataset.name, 'cpu_tiny')}", flush=True)
+    plans = plan_and_preprocess_with_preset(DATASET_ID, "cpu_tiny", preprocessed,
+                                            lambda command: run_logged(command, env, log))
+    print(f"      CPU-sized configuration: {plans}", flush=True)
 
     rows = []
     for index, trainer in enumerate(trainers, start=1):
-        shutil.rmtree(results / dataset.name / f"{trainer}__{PLANS}__{CONFIGURATION}", ignore_errors=True)
+        shutil.rmtree(model_folder(results, dataset.name, trainer, PLANS, CONFIGURATION), ignore_errors=True)
         print(f"[3/5] training {trainer} ({index}/{len(trainers)})", flush=True)
         run_logged(["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-p", PLANS, "-tr", trainer, "-device",
                     "cpu"], env, log)

@@ -1,9 +1,12 @@
-"""Where nnU-Net must look for the plugin's trainers, and the shell line that tells it."""
+"""Where nnU-Net must look for the plugin's trainers, the shell line that tells it, and the frame of the plugin's
+in-process commands."""
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 EXT_TRAINER_VARIABLE = "nnUNet_extTrainer"
@@ -28,6 +31,18 @@ def with_plugin_environment(env: dict[str, str] | None = None) -> dict[str, str]
     env = dict(os.environ if env is None else env)
     env[EXT_TRAINER_VARIABLE] = ext_trainer_value(env.get(EXT_TRAINER_VARIABLE, ""))
     return env
+
+
+@contextmanager
+def plugin_command(name: str, *errors: type[Exception]) -> Iterator[None]:
+    """The frame of a command that runs nnU-Net in this process: nnU-Net's trainer lookup finds the plugin's
+    trainers, and the expected failures (`errors`, default ValueError) end the command with one line that names
+    it, without a traceback."""
+    os.environ[EXT_TRAINER_VARIABLE] = ext_trainer_value()
+    try:
+        yield
+    except (errors or (ValueError,)) as error:
+        raise SystemExit(f"nnunet-diffusion {name}: {error}") from None
 
 
 def export_line() -> str:

@@ -12,6 +12,9 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
+from typing import Callable
+
+from nnunet_diffusion.environment import plugin_command
 
 
 def available_presets() -> list[str]:
@@ -108,6 +111,21 @@ def write_preset_plans(preprocessed_dataset_folder: str | Path, preset_name: str
     return target
 
 
+def plan_and_preprocess_with_preset(dataset_id: int, preset_name: str, preprocessed_root: str | Path,
+                                    run: Callable[[list[str]], object], processes: int = 2) -> Path:
+    """nnU-Net plans and preprocesses a raw dataset for the configuration the preset inherits from (checking the
+    dataset first), then the preset's plans are written beside nnU-Net's; returns their file. `run` executes the
+    command as the caller logs it (and must raise when it fails)."""
+    configuration = load_preset(preset_name)["inherits_from"]
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", str(processes),
+         "-npfp", str(processes), "--verify_dataset_integrity"])
+    folders = sorted(Path(preprocessed_root).glob(f"Dataset{dataset_id:03d}_*"))
+    if len(folders) != 1:
+        raise FileNotFoundError(f"expected one preprocessed folder Dataset{dataset_id:03d}_* in {preprocessed_root} "
+                                f"after nnUNetv2_plan_and_preprocess, found {len(folders)}")
+    return write_preset_plans(folders[0], preset_name)
+
+
 def main(argv: list[str]) -> int:
     """`nnunet-diffusion plans`."""
     parser = argparse.ArgumentParser(prog="nnunet-diffusion plans", description="write a CPU-sized inheriting "
@@ -124,8 +142,6 @@ def main(argv: list[str]) -> int:
     if not nnUNet_preprocessed:
         raise SystemExit("nnUNet_preprocessed is not set; export it as for nnUNetv2_train")
     folder = f"{nnUNet_preprocessed}/{maybe_convert_to_dataset_name(args.dataset)}"
-    try:
+    with plugin_command("plans", FileExistsError, FileNotFoundError, ValueError):
         print(write_preset_plans(folder, args.preset, args.source_plans, args.plans_name, args.force))
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"nnunet-diffusion plans: {error}") from None
     return 0

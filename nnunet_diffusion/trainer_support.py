@@ -25,7 +25,8 @@ def mismatching_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.T
     problems = [f"missing {k}" for k in expected if k not in found]
     problems += [f"unexpected {k}" for k in found if k not in expected]
     problems += [f"{k}: shape {tuple(found[k].shape)} != expected {tuple(v.shape)}"
-                 for k, v in expected.items() if k in found and found[k].shape != v.shape]
+                 for k, v in expected.items() if k in found and isinstance(v, torch.Tensor)
+                 and isinstance(found[k], torch.Tensor) and found[k].shape != v.shape]  # not a module's extra state
     return problems[:limit]
 
 

@@ -1,10 +1,11 @@
 """Small helpers every layer may use: NaN-aware means, Markdown tables, temporary environment variables, image
-geometry checks."""
+geometry checks, nnU-Net's model folder names."""
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -54,3 +55,11 @@ def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str:
         if not np.allclose(a, b, rtol=0, atol=GEOMETRY_TOLERANCE):
             return f"{name.lower()} {tuple(round(v, 6) for v in a)} vs {tuple(round(v, 6) for v in b)}"
     return ""
+
+
+def model_folder(results: str | Path, dataset: str, trainer: str, plans: str, configuration: str) -> Path:
+    """nnU-Net's output folder of one trainer, plans and configuration under any results root, named by nnU-Net's
+    own `convert_trainer_plans_config_to_identifier`. (Its `get_output_folder` reads nnUNet_results once, when
+    nnunetv2 is imported, so it cannot point at a root chosen later, such as an experiment's per-repeat roots.)"""
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+    return Path(results) / dataset / convert_trainer_plans_config_to_identifier(trainer, plans, configuration)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_diffusion.datasets.synthetic import LABELS, generate_synthetic_dataset
-from nnunet_diffusion.plans import write_preset_plans
+from nnunet_diffusion.plans import plan_and_preprocess_with_preset
 from nnunet_diffusion.runs import TrainingBudget, train_model
-from nnunet_diffusion.utils import environment
+from nnunet_diffusion.utils import environment, model_folder as results_folder
 
 PLANS = "nnUNetPlansCPU"
 CONFIGURATION = "3d_cpu"
@@ -44,10 +44,7 @@ def run(command: list[str], env: dict[str, str] | None = None, check: bool = Tru
 
 
 def plan_and_preprocess(dataset_id: int) -> None:
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2",
-         "--verify_dataset_integrity"])
-    preprocessed = Path(os.environ["nnUNet_preprocessed"])
-    write_preset_plans(next(preprocessed.glob(f"Dataset{dataset_id:03d}_*")), "cpu_tiny")
+    plan_and_preprocess_with_preset(dataset_id, "cpu_tiny", os.environ["nnUNet_preprocessed"], run)
 
 
 def make_dataset(dataset_id: int, name: str, num_train: int = 8, num_test: int = 2,
@@ -71,7 +68,7 @@ def make_dataset(dataset_id: int, name: str, num_train: int = 8, num_test: int =
 
 
 def model_folder(dataset: Dataset, trainer: str) -> Path:
-    return Path(os.environ["nnUNet_results"]) / dataset.name / f"{trainer}__{PLANS}__{CONFIGURATION}"
+    return results_folder(os.environ["nnUNet_results"], dataset.name, trainer, PLANS, CONFIGURATION)
 
 
 def train_in_process(dataset: Dataset, trainer_name: str, iterations: int = 2, epochs: int = 1, fold: int = 0,

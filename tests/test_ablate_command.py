@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_diffusion.evaluation import ablate
-from nnunet_diffusion.evaluation.ablate import RESUME, SKIP, TRAIN, plan_training, training_action
+from nnunet_diffusion.evaluation import ablate, ablation
+from nnunet_diffusion.evaluation.ablation import RESUME, SKIP, TRAIN, plan_training, training_action
 from nnunet_runs import CONFIGURATION, PLANS, train_if_missing
 
 DIFFUSION, STOCK = "nnUNetTrainerDiff", "nnUNetTrainer"
@@ -47,7 +47,7 @@ def test_ablate_skips_finished_models_and_adds_the_ensemble_with_the_baseline(de
     train_if_missing(demo_dataset, DIFFUSION)
     train_if_missing(demo_dataset, STOCK)
     started = []
-    monkeypatch.setattr(ablate, "run_training", lambda job, env: started.append(job))
+    monkeypatch.setattr(ablation, "run_training", lambda job, env: started.append(job))
     output = tmp_path / "ablation"
     assert ablate.main(["-d", str(demo_dataset.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", DIFFUSION,
                         "-i", str(demo_dataset.test_images), "-r", str(demo_dataset.test_labels), "-o", str(output),
@@ -76,7 +76,7 @@ def test_ablate_skips_finished_models_and_adds_the_ensemble_with_the_baseline(de
     ([STOCK], DIFFUSION, f"--baseline {DIFFUSION} is a diffusion trainer"),
 ])
 def test_bad_trainer_names_fail_before_any_training(demo_dataset, tmp_path, monkeypatch, trainers, baseline, match):
-    monkeypatch.setattr(ablate, "run_training", lambda job, env: pytest.fail(f"started {job.command}"))
+    monkeypatch.setattr(ablation, "run_training", lambda job, env: pytest.fail(f"started {job.command}"))
     with pytest.raises(SystemExit, match=match):
         ablate.main(["-d", str(demo_dataset.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", *trainers,
                      "--baseline", baseline, "-i", str(demo_dataset.test_images), "-r", str(demo_dataset.test_labels),

@@ -11,10 +11,13 @@ import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
 from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
+from nnunet_diffusion.pretraining.cached_probing import cached_features, tile_starts, train_head_on_cached
 from nnunet_diffusion.pretraining.heads import (LinearProbeHead, NonLinearProbeHead, concatenated_levels,
                                                 head_on_voxels)
 from nnunet_diffusion.trainers.pretraining import PRETRAINING_TRAINERS, nnUNetTrainerDiffPretrain, nnUNetTrainerRestorePretrain
-from nnunet_diffusion.trainers.probes import PROBE_TRAINERS, nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinearBPR
+from nnunet_diffusion.pretraining.network import decoder_level_channels
+from nnunet_diffusion.trainers.probes import (PROBE_TRAINERS, nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinear,
+                                              nnUNetTrainerProbeNonLinearBPR)
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_runs import CONFIGURATION, PLANS, model_folder, predict, train_in_process
 
@@ -93,6 +96,63 @@ def test_a_head_on_cached_voxel_features_gives_the_logits_of_those_voxels_in_the
     voxels = torch.tensor([0, 5, 77, 2 * 8 ** ndim - 1])
     expected = head(levels, size).movedim(1, -1).reshape(-1, 4)[voxels]
     assert torch.allclose(head_on_voxels(head, features[voxels], [6, 3]), expected, atol=1e-5)
+
+
+# --- cached probing -------------------------------------------------------------------------------------------------
+
+def test_tiles_cover_every_voxel_end_flush_and_short_axes_are_refused():
+    starts = tile_starts(70, 32, 16)
+    assert starts == [0, 16, 32, 38]
+    assert set(range(70)) == {i for s in starts for i in range(s, s + 32)}
+    assert tile_starts(32, 32, 16) == [0]
+    with pytest.raises(ValueError, match="at least 32 voxels.*one has 20"):
+        tile_starts(20, 32, 16)
+
+
+def cached_probe(preprocessed_plans, tmp_path: Path) -> torch.nn.Module:
+    """A non-linear probe on a (fabricated) diffusion pretraining checkpoint, loaded as -pretrained_weights does."""
+    torch.manual_seed(0)
+    network = nnUNetTrainerProbeNonLinear.build_network_architecture(*preprocessed_plans, 1, 3, False)
+    load_pretrained_weights(network, str(fabricated_checkpoint(nnUNetTrainerDiffPretrain, preprocessed_plans,
+                                                               tmp_path / "pretraining.pth")))
+    return network
+
+
+def test_cached_features_are_the_probe_networks_own_features_of_the_sampled_voxels(preprocessed_plans, tmp_path):
+    network = cached_probe(preprocessed_plans, tmp_path)
+    image = torch.randn(1, 32, 32, 32)
+    voxel_index = torch.arange(32 ** 3).reshape(32, 32, 32)  # as labels: tell which voxels were sampled
+    features, labels = cached_features(network, [(image, voxel_index)], tile=32, stride=16, voxels_per_tile=64,
+                                       seed=0)
+    assert features.shape[0] == labels.shape[0] == 64
+    with torch.no_grad():
+        logits = network(image[None]).flatten(2)[0].T[labels]
+        cached = head_on_voxels(network.head, features, decoder_level_channels(network.unet))
+    assert torch.allclose(cached, logits, atol=1e-4)
+
+
+def test_cached_sampling_takes_half_of_each_tile_from_the_foreground(preprocessed_plans, tmp_path):
+    network = cached_probe(preprocessed_plans, tmp_path)
+    label = torch.zeros(32, 32, 40, dtype=torch.long)
+    label[4:8, 4:8, 4:8] = 2  # 64 foreground voxels
+    _, labels = cached_features(network, [(torch.randn(1, 32, 32, 40), label)], tile=32, stride=16,
+                                voxels_per_tile=100, seed=0)
+    assert len(labels) == 2 * 100  # two tiles along the last axis
+    assert (labels[:100] > 0).sum() >= 50  # the first tile holds the organ
+
+
+def test_training_on_cached_features_changes_only_the_head_and_lowers_the_loss(preprocessed_plans, tmp_path):
+    network = cached_probe(preprocessed_plans, tmp_path)
+    image = torch.randn(1, 32, 32, 32)
+    label = (image[0] > 0.5).long() + (image[0] > 1.5).long()
+    features, labels = cached_features(network, [(image, label)], tile=32, stride=16, voxels_per_tile=2048, seed=0)
+    backbone = {k: v.clone() for k, v in network.state_dict().items() if not k.startswith("head.")}
+    losses = train_head_on_cached(network, features, labels, iterations=60, learning_rate=1e-2,
+                                  batch_voxels=512, seed=0)
+    prior = torch.bincount(labels).float() / len(labels)
+    prior_entropy = float(-(prior[prior > 0] * prior[prior > 0].log()).sum())  # the loss of knowing only the prior
+    assert np.mean(losses[-10:]) < min(np.mean(losses[:10]), prior_entropy - 0.05)
+    assert all(torch.equal(v, network.state_dict()[k]) for k, v in backbone.items())
 
 
 @pytest.mark.parametrize("probe_class", PROBE_TRAINERS, ids=lambda c: c.__name__)

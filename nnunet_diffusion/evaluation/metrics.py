@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 from nnunetv2.evaluation.evaluate_predictions import (compute_tp_fp_fn_tn, label_or_region_to_key,
                                                       region_or_label_to_mask)
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
 from nnunet_diffusion.utils import geometry_mismatch, nanmean
@@ -144,3 +145,14 @@ def _case_files(folder: Path, role: str, file_ending: str) -> list[str]:
     if not folder.is_dir():
         raise ValueError(f"{role} folder {folder} does not exist")
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(file_ending))
+
+
+def evaluation_targets(label_manager: LabelManager) -> list[int | tuple[int, ...]]:
+    """What nnU-Net's own evaluation scores: foreground regions for region-based models, else foreground labels."""
+    return list(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
+
+
+def target_names(dataset_json: dict) -> dict[str, str]:
+    """Metric key (`str(label)` or `str(region)`, as in nnU-Net's summary.json) → the label's name."""
+    return {str(tuple(value) if isinstance(value, list) else value): name
+            for name, value in dataset_json["labels"].items()}

@@ -10,12 +10,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunet_diffusion.trainer_support import unwrap
+from nnunet_diffusion.trainer_support import ensure_checkpoint_fits, unwrap
 
 
 class PluginTrainer(nnUNetTrainer):
-    """Refuses cascaded configurations, hands deep supervision to the plugin network, and gives trainers with
-    their own train/validation steps nnU-Net's precision context, update step and validation gathering."""
+    """Refuses cascaded configurations, hands deep supervision to the plugin network, checks that a checkpoint fits
+    before loading it, keeps the plugin's own state in nnU-Net's checkpoint, and gives trainers with their own
+    train/validation steps nnU-Net's precision context, update step and validation gathering."""
+    checkpoint_on_cpu = False  # store CPU tensors even when trained on an accelerator
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -27,6 +29,37 @@ class PluginTrainer(nnUNetTrainer):
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         unwrap(self.network).set_deep_supervision_enabled(enabled)
+
+    def plugin_checkpoint_state(self) -> dict:
+        """Entries the plugin adds to nnU-Net's checkpoint (none by default)."""
+        return {}
+
+    def load_plugin_checkpoint_state(self, checkpoint: dict) -> None:
+        """Restore what `plugin_checkpoint_state` added (a checkpoint written before may lack it)."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, rewritten once on rank 0 when the plugin adds entries or wants CPU tensors."""
+        super().save_checkpoint(filename)
+        extra = self.plugin_checkpoint_state()
+        to_cpu = self.checkpoint_on_cpu and self.device.type != 'cpu'
+        if (extra or to_cpu) and self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location='cpu' if to_cpu else None, weights_only=False)
+            torch.save({**checkpoint, **extra}, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's loading, after a check that names the trainer that wrote a checkpoint which does not fit.
+
+        nnU-Net 2.8 loads only from a file name (its dict branch reads an unbound name), so a file is read here
+        for the check and the plugin's entries, and once more by nnU-Net."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        ensure_checkpoint_fits(self, checkpoint, f"checkpoint {filename_or_checkpoint}"
+                               if isinstance(filename_or_checkpoint, str) else "the checkpoint")
+        super().load_checkpoint(filename_or_checkpoint)
+        self.load_plugin_checkpoint_state(checkpoint)
 
     def precision(self) -> AbstractContextManager:
         """nnU-Net's mixed precision: autocast on CUDA, full precision elsewhere."""

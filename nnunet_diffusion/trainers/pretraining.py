@@ -42,6 +42,7 @@ class PretrainingTrainer(PluginTrainer):
     backbone: BackboneSpec
     objective: str
     num_timesteps: int | None = None
+    checkpoint_on_cpu = True  # `-pretrained_weights` (torch.load without map_location) works on a CPU-only machine
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -105,13 +106,6 @@ class PretrainingTrainer(PluginTrainer):
                             f"{' or '.join(self.backbone.probe_trainers)} with -pretrained_weights "
                             f"{join(self.output_folder, 'checkpoint_final.pth')}"},
                   join(folder, 'pretext_validation.json'))
-
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, re-saved with CPU tensors when trained on an accelerator, so that
-        `-pretrained_weights` (torch.load without map_location) also works on a CPU-only machine."""
-        super().save_checkpoint(filename)
-        if self.device.type != 'cpu' and self.local_rank == 0 and not self.disable_checkpointing:
-            torch.save(torch.load(filename, map_location='cpu', weights_only=False), filename)
 
 
 class nnUNetTrainerDiffPretrain(PretrainingTrainer):

@@ -24,7 +24,7 @@ from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.strategies import (PlainDiffusion, Recycling, RecyclingAllSteps, RecyclingNext,
                                               SelfConditioning, SelfConditioningNext, TrainingStrategy)
 from nnunet_diffusion.core.timesteps import make_timestep_sampler
-from nnunet_diffusion.trainer_support import TimestepLossLog, ensure_checkpoint_fits, unwrap
+from nnunet_diffusion.trainer_support import TimestepLossLog, unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
 
 TIMESTEP_SAMPLER_KEY = "timestep_sampler"
@@ -127,24 +127,12 @@ class nnUNetTrainerDiff(PluginTrainer):
         if self.local_rank == 0:
             self.timestep_losses.write(self.output_folder, self.current_epoch)
 
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, plus the loss history of a loss-aware timestep sampler (so --c resumes it)."""
-        super().save_checkpoint(filename)
+    def plugin_checkpoint_state(self) -> dict:
+        """The loss history of a loss-aware timestep sampler, so that --c resumes it."""
         state = self.strategy.timestep_sampler.state_dict()
-        if state and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint[TIMESTEP_SAMPLER_KEY] = state
-            torch.save(checkpoint, filename)
+        return {TIMESTEP_SAMPLER_KEY: state} if state else {}
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
-        ensure_checkpoint_fits(self, checkpoint, f"checkpoint {filename_or_checkpoint}"
-                               if isinstance(filename_or_checkpoint, str) else "the checkpoint")
-        super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8 reads only a file name correctly
+    def load_plugin_checkpoint_state(self, checkpoint: dict) -> None:
         if TIMESTEP_SAMPLER_KEY in checkpoint:
             self.strategy.timestep_sampler.load_state_dict(checkpoint[TIMESTEP_SAMPLER_KEY])
 
