@@ -20,11 +20,14 @@ import torch
 from nnunetv2.run.run_training import get_trainer_from_args
 from torch._dynamo import OptimizedModule
 
-from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, markdown_table, quiet,
-                       result_row, synchronize, timed, workspace)
+from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, markdown_table,
+                       paired_ratio, quiet, result_row, synchronize, timed, workspace)
 from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS, SHORT_SCHEDULE_TRAINERS
 
 STOCK = "nnUNetTrainer"
+# Stock variants that may be timed beside the plugin's: without deep supervision it shows what nnU-Net's
+# deep-supervision heads and losses cost, which the plugin's trainers skip unless their name ends in DS.
+STOCK_VARIANTS = ("nnUNetTrainerNoDeepSupervision",)
 STEP_TARGETS = {"nnUNetTrainerDiffRecycle": 1.35, "nnUNetTrainerDiff": 1.05}
 MEMORY_TARGET = 1.10
 MIB = 2 ** 20
@@ -34,7 +37,8 @@ MIB = 2 ** 20
 class TrainerFigures:
     name: str
     step_seconds: float  # median over the timed repetitions
-    step_ratio: float  # median step time / the stock trainer's
+    step_ratio: float  # median over rounds of (step time / the stock trainer's step time in the same round)
+    ratio_interval: tuple[float, float]  # 95 % bootstrap interval of that median, over rounds
     peak_bytes: int
     memory_ratio: float
 
@@ -52,6 +56,11 @@ class TrainingBenchmark:
 def plugin_trainers() -> list[str]:
     """Every plugin trainer except the short-schedule copies, whose train_step is identical to their base's."""
     return [cls.__name__ for cls in SEGMENTATION_TRAINERS if cls not in SHORT_SCHEDULE_TRAINERS]
+
+
+def comparable_trainers() -> list[str]:
+    """What --trainers accepts, and times by default: the stock variants, then every plugin trainer."""
+    return list(STOCK_VARIANTS) + plugin_trainers()
 
 
 def build_trainer(name: str, space: Workspace, device: torch.device):
@@ -162,18 +171,20 @@ def memory_method(device: torch.device) -> str:
 def run_training_benchmark(space: Workspace, device: torch.device, warmup: int, repeats: int,
                            num_batches: int, only: list[str] | None = None) -> TrainingBenchmark:
     torch.manual_seed(0)
-    unknown = sorted(set(only or ()) - set(plugin_trainers()))
+    unknown = sorted(set(only or ()) - set(comparable_trainers()))
     if unknown:
-        raise SystemExit(f"--trainers: {', '.join(unknown)} not among the plugin's trainers "
-                         f"({', '.join(plugin_trainers())})")
-    names = [STOCK] + (only or plugin_trainers())
+        raise SystemExit(f"--trainers: {', '.join(unknown)} cannot be compared; choose among "
+                         f"{', '.join(comparable_trainers())}")
+    names = [STOCK] + (only or comparable_trainers())
     trainers = {name: build_trainer(name, space, device) for name in names}
     batches = fetch_batches(trainers[STOCK], num_batches, device)
     times = time_steps(trainers, batches, warmup, repeats, device)
     peaks = {name: step_peak_bytes(trainers[name], batches[0], device) for name in names}
-    medians = {name: statistics.median(times[name]) for name in names}
-    figures = [TrainerFigures(name, medians[name], medians[name] / medians[STOCK], peaks[name],
-                              peaks[name] / peaks[STOCK]) for name in names]
+    figures = []
+    for name in names:
+        ratio, low, high = paired_ratio(times[name], times[STOCK])
+        figures.append(TrainerFigures(name, statistics.median(times[name]), ratio, (low, high), peaks[name],
+                                      peaks[name] / peaks[STOCK]))
     compiled = isinstance(trainers[STOCK].network, OptimizedModule)
     return TrainingBenchmark(figures, warmup, repeats, num_batches, compiled, memory_method(device))
 
@@ -184,8 +195,10 @@ def training_rows(result: TrainingBenchmark) -> list[list[str]]:
     plugins = [f for f in result.figures if f.name != STOCK]
     rows = [result_row("training step", f"{STOCK} (reference)", "1.000", f"{stock.step_seconds * 1e3:.1f} ms")]
     for f in plugins:
-        rows.append(result_row("training step", f"{f.name} / {STOCK}", f"{f.step_ratio:.3f}",
-                               f"{f.step_seconds * 1e3:.1f} ms", STEP_TARGETS.get(f.name), f.step_ratio))
+        low, high = f.ratio_interval
+        rows.append(result_row("training step", f"{f.name} / {STOCK}", f"{f.step_ratio:.3f} [{low:.3f}, {high:.3f}]",
+                               f"{f.step_seconds * 1e3:.1f} ms", STEP_TARGETS.get(f.name), f.step_ratio,
+                               f.ratio_interval))
     rows.append(result_row("training peak memory", f"{STOCK} (reference)", "1.000",
                            f"{stock.peak_bytes / MIB:.1f} MiB"))
     for f in plugins:
@@ -196,8 +209,10 @@ def training_rows(result: TrainingBenchmark) -> list[list[str]]:
 
 
 def training_notes(result: TrainingBenchmark) -> list[str]:
-    return [f"- training step: median of {result.repeats} timed rounds after {result.warmup} warm-up rounds, "
-            f"trainers round-robin on the same {result.batches} pre-fetched batches; torch.compile: "
+    return [f"- training step: {result.repeats} timed rounds after {result.warmup} warm-up rounds, trainers "
+            f"round-robin on the same {result.batches} pre-fetched batches; ratio: median over rounds of the time "
+            f"over the stock trainer's in the same round, [95 % bootstrap interval]; met: yes when the whole "
+            f"interval is within the target, no when none of it is; torch.compile: "
             f"{'on' if result.compiled else 'off'}",
             f"- training peak memory: {result.memory_method}"]
 
@@ -207,7 +222,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "autotuning, allocator warm-up)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds; each runs every trainer once")
     parser.add_argument("--batches", type=int, default=4, help="distinct pre-fetched batches, cycled")
-    parser.add_argument("--trainers", nargs="+", help="plugin trainers to compare with the stock one (default: all)")
+    parser.add_argument("--trainers", nargs="+", help=f"trainers to compare with the stock one: the plugin's or "
+                        f"{', '.join(STOCK_VARIANTS)} (default: all of them)")
 
 
 def training_benchmark_from_args(space: Workspace, device: torch.device,

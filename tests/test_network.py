@@ -53,11 +53,12 @@ def test_self_conditioning_adds_another_set_of_mask_channels(real_plans):
     assert _convs(network.unet)[0][0] == 2 + 3 + 3
 
 
-def _small_network(time_conditioning=True, self_conditioning=False, channels=3, activation="softmax"):
+def _small_network(time_conditioning=True, self_conditioning=False, channels=3, activation="softmax",
+                   features=(4, 8, 16)):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     torch.manual_seed(0)
     extra = channels * (2 if self_conditioning else 1)
-    unet = PlainConvUNet(1 + extra, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), 1, channels, 1,
+    unet = PlainConvUNet(1 + extra, 3, features, torch.nn.Conv3d, 3, (1, 2, 2), 1, channels, 1,
                          conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True},
                          nonlin=torch.nn.LeakyReLU)
     return DiffusionSegmentationNetwork(unet, 1, MaskCodec(channels, activation), make_alphas_cumprod("linear", 5),
@@ -80,11 +81,12 @@ def test_time_conditioning_starts_as_identity_and_then_makes_the_output_depend_o
     assert not torch.allclose(network(image, x_t, t0), network(image, x_t, t3), atol=1e-4)
 
 
-@pytest.mark.parametrize("channels,hooked", [(2, False), (3, True)])
-def test_input_convolution_takes_channels_last_on_cpu_without_changing_results(channels, hooked):
-    """1 + 3 input channels get the layout hooks (a faster weight gradient on CPU), 1 + 2 do not; either way the
-    outputs and gradients are those of the plain convolution, and the network continues in nnU-Net's layout."""
-    network = _small_network(channels=channels)
+@pytest.mark.parametrize("channels,features,hooked", [(2, 4, False), (3, 4, True), (3, 32, False)])
+def test_input_convolution_takes_channels_last_on_cpu_without_changing_results(channels, features, hooked):
+    """1 + 3 input channels into at most 16 features get the layout hooks (faster on CPU), fewer channels or
+    nnU-Net's 32 features do not; either way the outputs and gradients are those of the plain convolution, and
+    the network continues in nnU-Net's layout."""
+    network = _small_network(channels=channels, features=(features, 8, 16))
     first = network.unet.encoder.stages[0][0].convs[0].conv
     assert bool(first._forward_pre_hooks) == hooked and bool(first._forward_hooks) == hooked
     image, x_t, t = torch.randn(2, 1, 8, 8, 8), torch.randn(2, channels, 8, 8, 8), torch.tensor([1, 3])
