@@ -3,10 +3,10 @@
 The denoiser's first 3D convolution reads image + mask channels; oneDNN's speed for that shape depends on the
 memory layout of its input, and how much differs between torch releases and thread counts. This benchmark times
 one forward and backward (weight gradient; the input needs none) of that convolution both ways, paired round by
-round, so that the network's layout choice (`CHANNELS_LAST_INPUT` in core/network.py) follows a measurement on the
-torch that is installed.
+round, so that the network's layout rule (`speed_up_input_convolution` in core/network.py) follows a measurement on
+the torch that is installed.
 
-    python bench/bench_input_convolution.py --threads 1 2 --sizes 32 48 --channels 4
+    python bench/bench_input_convolution.py --threads 1 2 --sizes 32 64 --channels 4 --features 8 16 32
 """
 from __future__ import annotations
 
@@ -50,24 +50,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 48], help="cubic patch edge lengths")
     parser.add_argument("--channels", type=int, default=4, help="input channels: image + mask channels")
-    parser.add_argument("--features", type=int, default=32, help="output channels (nnU-Net's first stage)")
+    parser.add_argument("--features", type=int, nargs="+", default=[32],
+                        help="output channels of the convolution (nnU-Net's first stage: 32)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for size in args.sizes:
-            step = convolution_step(args.channels, size, args.features, args.batch)
-            plain, channels_last = time_layouts(step, args.rounds, args.warmup)
-            ratio, low, high = paired_ratio(channels_last, plain)
-            rows.append(result_row("input convolution", f"channels-last / nnU-Net's layout, {threads} thread(s), "
-                                   f"{args.batch}×{args.channels}×{size}³", f"{ratio:.2f} [{low:.2f}, {high:.2f}]",
-                                   f"{statistics.median(plain) * 1e3:.1f} ms in nnU-Net's layout"))
+    for features in args.features:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for size in args.sizes:
+                step = convolution_step(args.channels, size, features, args.batch)
+                plain, channels_last = time_layouts(step, args.rounds, args.warmup)
+                ratio, low, high = paired_ratio(channels_last, plain)
+                compared = (f"channels-last / nnU-Net's layout, Conv3d({args.channels}, {features}, 3), "
+                            f"{threads} thread(s), {args.batch}×{args.channels}×{size}³")
+                rows.append(result_row("input convolution", compared,
+                                       f"{ratio:.2f} [{low:.2f}, {high:.2f}]",
+                                       f"{statistics.median(plain) * 1e3:.1f} ms in nnU-Net's layout"))
     print(f"- torch {torch.__version__}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, forward + "
-          f"weight gradient of Conv3d({args.channels}, {args.features}, 3); ratio: median [95 % bootstrap interval]")
+          f"weight gradient of the convolution; ratio: median [95 % bootstrap interval]")
     print()
     print(markdown_table(rows))
 

@@ -125,21 +125,19 @@ def train(dataset_id: int, trainer_name: str, iterations: int, args: argparse.Na
     fold folder. Skipped when its checkpoint_final.pth exists. nnU-Net's final validation only on request: the
     probes are scored on the test cases instead, and mirrored sliding windows over the validation cases cost
     more CPU time than a short training."""
-    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    seed_everything(args.seed if seed is None else seed)
-    trainer = get_trainer_from_args(str(dataset_id), CONFIGURATION, 0, trainer_name, PLANS,
-                                    device=torch.device(args.device))
-    fold_folder = Path(trainer.output_folder)
+    from nnunet_diffusion.runs import TrainingBudget, train_model
+    from nnunet_diffusion.utils import model_folder
+
+    fold_folder = model_folder(os.environ["nnUNet_results"], maybe_convert_to_dataset_name(dataset_id), trainer_name,
+                               PLANS, CONFIGURATION) / "fold_0"
     if (fold_folder / "checkpoint_final.pth").is_file():
         return fold_folder
-    trainer.num_epochs = max(1, round(iterations / args.iterations_per_epoch))
-    trainer.num_iterations_per_epoch = min(iterations, args.iterations_per_epoch)
-    trainer.num_val_iterations_per_epoch = max(1, trainer.num_iterations_per_epoch // 10)
-    maybe_load_checkpoint(trainer, False, False, None if pretrained_weights is None else str(pretrained_weights))
-    trainer.run_training()
-    if final_validation:
-        trainer.perform_actual_validation()
+    per_epoch = min(iterations, args.iterations_per_epoch)
+    budget = TrainingBudget(max(1, round(iterations / args.iterations_per_epoch)), per_epoch, max(1, per_epoch // 10))
+    train_model(str(dataset_id), CONFIGURATION, 0, trainer_name, PLANS, budget, args.device,
+                args.seed if seed is None else seed, final_validation, pretrained_weights)
     return fold_folder
 
 

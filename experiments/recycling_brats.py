@@ -141,7 +141,7 @@ def evaluate(workdir: Path, arm: Arm, fold: int) -> dict:
     unit = output / "unit.json"
     if unit.is_file():
         return json.loads(unit.read_text())
-    from nnunet_diffusion.evaluation.evaluate import EvaluationOptions, evaluate_models
+    from nnunet_diffusion.evaluation.model_evaluation import EvaluationOptions, evaluate_models
     from nnunet_diffusion.runs import epoch_seconds, training_log
     from nnunet_diffusion.utils import environment
     options = EvaluationOptions(folds=(fold,), samplers=("ddim", "ddpm"), seeds=(0,), device="cpu",
@@ -172,12 +172,13 @@ def ensemble(workdir: Path, arm: Arm, fold: int, stock: dict) -> dict:
     from nnunet_diffusion.evaluation.ablation import ensemble_folders
     from nnunet_diffusion.evaluation.metrics import evaluate_folder
     stock_folder = Path(stock["output"]) / "predictions" / STOCK
+    file_ending = json.loads((stock_folder / "dataset.json").read_text())["file_ending"]
     unit = evaluate(workdir, arm, fold)
     dice = {}
     for sampler in ("ddim", "ddpm"):
         diffusion_folder = Path(unit["output"]) / "predictions" / arm.trainer / sampler / "seed_0"
         folder = ensemble_folders(diffusion_folder, stock_folder, [stock["case"]], output / sampler)
-        scores = evaluate_folder(folder, workdir / "test" / f"fold_{fold}" / "labels", [1], ".nii.gz")
+        scores = evaluate_folder(folder, workdir / "test" / f"fold_{fold}" / "labels", [1], file_ending)
         dice[sampler] = scores["foreground_mean"]["Dice"]
     cached.write_text(json.dumps(dice))
     return dice

@@ -25,10 +25,11 @@ class TrainingBudget:
 
 def train_model(dataset: str, configuration: str, fold: int | str, trainer_name: str, plans: str,
                 budget: TrainingBudget, device: str = "cpu", seed: int | None = None,
-                validate: bool = False):
-    """Train from scratch (nnU-Net's `--c` logic is the caller's) and return the trainer; `seed` seeds Python,
-    numpy and torch in this process (nnU-Net's augmentation workers draw their own seeds)."""
-    from nnunetv2.run.run_training import get_trainer_from_args
+                validate: bool = False, pretrained_weights: str | Path | None = None):
+    """Train from scratch (nnU-Net's `--c` logic is the caller's), starting from `pretrained_weights` as
+    `-pretrained_weights` does, and return the trainer; `seed` seeds Python, numpy and torch in this process
+    (nnU-Net's augmentation workers draw their own seeds)."""
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
     if seed is not None:
         random.seed(seed)
         np.random.seed(seed)
@@ -38,6 +39,7 @@ def train_model(dataset: str, configuration: str, fold: int | str, trainer_name:
     trainer.num_epochs = budget.epochs
     trainer.num_iterations_per_epoch = budget.iterations
     trainer.num_val_iterations_per_epoch = budget.val_iterations
+    maybe_load_checkpoint(trainer, False, False, None if pretrained_weights is None else str(pretrained_weights))
     trainer.run_training()
     if validate:
         trainer.perform_actual_validation(False)

@@ -35,9 +35,11 @@ def ensure_checkpoint_fits(trainer, checkpoint: dict, source: str) -> None:
     problems = mismatching_keys(unwrap(trainer.network).state_dict(), checkpoint["network_weights"])
     if problems:
         written_by = checkpoint.get("trainer_name", "an unknown trainer")
-        raise RuntimeError(
-            f"{source} was written by {written_by} and does not fit {type(trainer).__name__} "
-            f"(first mismatches: {'; '.join(problems)}). Use the trainer that wrote it: -tr {written_by}")
+        fix = ("It was trained with other plans or configuration, or by another version of the plugin: use the "
+               "plans it was trained with, or train again" if written_by == type(trainer).__name__
+               else f"Use the trainer that wrote it: -tr {written_by}")
+        raise RuntimeError(f"{source} was written by {written_by} and does not fit {type(trainer).__name__} "
+                           f"(first mismatches: {'; '.join(problems)}). {fix}")
 
 
 class TimestepLossLog:

@@ -59,7 +59,7 @@ def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str:
 
 def model_folder(results: str | Path, dataset: str, trainer: str, plans: str, configuration: str) -> Path:
     """nnU-Net's output folder of one trainer, plans and configuration under any results root, named by nnU-Net's
-    own `convert_trainer_plans_config_to_identifier`. (Its `get_output_folder` reads nnUNet_results once, when
-    nnunetv2 is imported, so it cannot point at a root chosen later, such as an experiment's per-repeat roots.)"""
+    own `convert_trainer_plans_config_to_identifier`. (Its `get_output_folder` always uses $nnUNet_results, so it
+    cannot point at other roots, such as an experiment's per-repeat ones.)"""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
     return Path(results) / dataset / convert_trainer_plans_config_to_identifier(trainer, plans, configuration)

@@ -219,13 +219,13 @@ def test_weights_of_a_diffusion_trainer_and_of_the_stock_trainer_do_not_mix(init
         stock.load_checkpoint(str(tmp_path / "diffusion.pth"))
 
 
-
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerRestorePretrain", "nnUNetTrainerBPR"])
 def test_every_plugin_family_names_the_trainer_that_wrote_a_checkpoint_that_does_not_fit(initialized, trainer,
                                                                                            tmp_path):
     initialized(TRAINER).save_checkpoint(str(tmp_path / "diffusion.pth"))
     with pytest.raises(RuntimeError, match=f"written by {TRAINER} and does not fit {trainer} .*-tr {TRAINER}$"):
         initialized(trainer).load_checkpoint(str(tmp_path / "diffusion.pth"))
+
 
 # --- bad images and labels --------------------------------------------------------------------------------------------
 

@@ -147,9 +147,9 @@ def _contiguous_output(conv: nn.Module, args: tuple, output: torch.Tensor) -> to
 def speed_up_input_convolution(unet: nn.Module, num_input_channels: int) -> None:
     """Layout hooks on the first 3D convolution (image + mask channels) where oneDNN is faster from a channels-last
     input: with ≥ 4 input channels and ≤ 16 output features (the CPU presets) forward + weight gradient take
-    0.4–0.8 × the time; with nnU-Net's default 32 features they take 1.4–1.6 × at 64³ and more, so those plans keep
-    nnU-Net's layout (`python bench/bench_input_convolution.py --features 8 16 32`). A CPU-only layout change: no
-    new weights, the same results."""
+    0.4–0.8 × the time; with nnU-Net's default 32 features they take 1.4–1.6 × at 64³ and more, so those plans
+    keep nnU-Net's layout (`python bench/bench_input_convolution.py --features 8 16 32`). A CPU-only layout
+    change: no new weights, the same results."""
     first = next((m for m in unet.modules() if isinstance(m, nn.Conv3d) and m.in_channels == num_input_channels),
                  None)
     if first is not None and num_input_channels >= CHANNELS_LAST_MIN_INPUT_CHANNELS and \

@@ -95,11 +95,12 @@ def ensemble_folders(first: Path, second: Path, cases: Sequence[str], output: Pa
     dataset.json and plans.json describe the task. Returns `output`."""
     dataset_json = json.loads((second / "dataset.json").read_text())
     plans_manager = PlansManager(json.loads((second / "plans.json").read_text()))
+    reader_writer, label_manager = plans_manager.image_reader_writer_class(), plans_manager.get_label_manager(
+        dataset_json)
     output.mkdir(parents=True, exist_ok=True)
     for case in cases:
         merge_files([str(first / f"{case}.npz"), str(second / f"{case}.npz")], str(output / case),
-                    dataset_json["file_ending"], plans_manager.image_reader_writer_class(),
-                    plans_manager.get_label_manager(dataset_json))
+                    dataset_json["file_ending"], reader_writer, label_manager)
     return output
 
 

@@ -94,8 +94,8 @@ def evaluate_models(model_folders: Sequence[str | Path], images: str | Path, ref
     early_summary = summarise_early_exit(early_exit)
     results = {"options": asdict(options), "dataset": models[0].dataset, "images": str(images),
                "reference": str(reference), "cases": [c.name for c in cases], "models": described,
-               "summary": summary, "per_case": [score.as_row() for score in per_case], "seed_spread": spread_rows, "early_exit": early_summary,
-               "per_k": summarise_per_k(per_k + _early_exit_as_per_k(early_exit))}
+               "summary": summary, "per_case": [score.as_row() for score in per_case], "seed_spread": spread_rows,
+               "early_exit": early_summary, "per_k": summarise_per_k(per_k + _early_exit_as_per_k(early_exit))}
     write_outputs(results, output)
     return results
 

@@ -38,12 +38,13 @@ class PluginTrainer(nnUNetTrainer):
         """Restore what `plugin_checkpoint_state` added (a checkpoint written before may lack it)."""
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, rewritten once on rank 0 when the plugin adds entries or wants CPU tensors."""
+        """nnU-Net's checkpoint, rewritten once on rank 0 when the plugin adds entries or wants CPU tensors (read
+        onto the CPU, so that a rewrite never holds a second copy on the accelerator)."""
         super().save_checkpoint(filename)
         extra = self.plugin_checkpoint_state()
         to_cpu = self.checkpoint_on_cpu and self.device.type != 'cpu'
         if (extra or to_cpu) and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location='cpu' if to_cpu else None, weights_only=False)
+            checkpoint = torch.load(filename, map_location='cpu', weights_only=False)
             torch.save({**checkpoint, **extra}, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
