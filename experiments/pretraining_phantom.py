@@ -46,6 +46,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,18 +216,16 @@ def probe_network(backbone: Backbone, weights: Path, plans: tuple, seed: int) ->
     return network
 
 
-def probe_cases(data_identifier: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(image, labels) of every preprocessed probe case; voxels outside nnU-Net's crop mask (−1) count as background."""
+def probe_cases(data_identifier: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, labels) of every preprocessed probe case, loaded one at a time; voxels outside nnU-Net's crop mask
+    (−1) count as background."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     data_folder = preprocessed_folder(PROBE_ID) / data_identifier
     dataset = infer_dataset_class(str(data_folder))(str(data_folder))
-    cases = []
     for key in dataset.identifiers:
         data, seg, _, _ = dataset.load_case(key)
-        cases.append((torch.from_numpy(np.asarray(data)).float(),
-                      torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)))
-    return cases
+        yield torch.from_numpy(np.asarray(data)).float(), torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)
 
 
 def probe_cached(backbone: Backbone, weights: Path, output: Path, seed: int, args: argparse.Namespace) -> dict:
