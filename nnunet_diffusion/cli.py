@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "Dice/HD95 of trained models per sampling step, seed and sampler; tables and plots"),
     "ablate": ("nnunet_diffusion.evaluation.ablate",
                "train missing trainers with nnUNetv2_train, evaluate all, ensemble each with nnUNetTrainer"),
+    "crossval": ("nnunet_diffusion.evaluation.crossval",
+                 "k-fold cross-validation of trainers: train, score per step, ensemble, paired statistics"),
     "uncertainty": ("nnunet_diffusion.evaluation.uncertainty_maps",
                     "N diffusion samples per case: mean segmentation + per-voxel uncertainty map"),
     "phantom": ("nnunet_diffusion.datasets.phantom", "write a CT-like torso phantom dataset with organ labels"),

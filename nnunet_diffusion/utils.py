@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,15 @@ def model_folder(results: str | Path, dataset: str, trainer: str, plans: str, co
     cannot point at other roots, such as an experiment's per-repeat ones.)"""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
     return Path(results) / dataset / convert_trainer_plans_config_to_identifier(trainer, plans, configuration)
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """nnU-Net's loop lengths: epochs × iterations per epoch, and validation batches per epoch."""
+    epochs: int
+    iterations: int
+    val_iterations: int = 1
+
+    def __post_init__(self):
+        if min(self.epochs, self.iterations, self.val_iterations) < 1:
+            raise ValueError(f"epochs, iterations and validation iterations must be at least 1, got {self}")

@@ -103,6 +103,31 @@ def test_input_convolution_takes_channels_last_on_cpu_without_changing_results(c
     assert torch.allclose(gradient, first.weight.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_a_single_sample_runs_as_a_batch_of_two_on_cpu_without_changing_its_logits(monkeypatch, deep_supervision):
+    """No-grad CPU forwards of one sample (one sliding-window tile) go through the UNet as two copies, which
+    takes PyTorch's oneDNN path; the returned logits are those of the sample alone, and training forwards and
+    real batches are left as they are."""
+    network = _small_network().eval()
+    _perturb_film(network)
+    network.set_deep_supervision_enabled(deep_supervision)
+    batches = []
+    network.unet.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    image, x_t, t = torch.randn(1, 1, 8, 8, 8), torch.randn(1, 3, 8, 8, 8), torch.tensor([3])
+    with torch.no_grad():
+        padded = network(image, x_t, t)
+        monkeypatch.setattr("nnunet_diffusion.core.network.pads_single_sample", lambda x: False)
+        alone = network(image, x_t, t)
+    assert batches == [2, 1]
+    for a, b in zip(*((padded, alone) if deep_supervision else ([padded], [alone]))):
+        assert a.shape[0] == 1 and torch.allclose(a, b, atol=1e-5)
+    monkeypatch.undo()
+    network(image, x_t, t)  # gradients on: as it is
+    with torch.no_grad():
+        network(torch.randn(2, 1, 8, 8, 8), torch.randn(2, 3, 8, 8, 8), torch.tensor([0, 1]))
+    assert batches[2:] == [1, 2]
+
+
 def test_unconditioned_network_ignores_the_timestep():
     network = _small_network(time_conditioning=False)
     image, x_t = torch.randn(1, 1, 8, 8, 8), torch.randn(1, 3, 8, 8, 8)

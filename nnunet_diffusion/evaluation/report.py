@@ -44,8 +44,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
                                 [[_cell(row.get(c, "")) for c in columns] for row in rows]) + "\n"
 
 
-def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_png: str | Path) -> Path:
-    """One line per trainer against sampling step 1..K (e.g. Dice vs step, max ΔDice across seeds vs step).
+def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_png: str | Path,
+                        xlabel: str = "sampling step") -> Path:
+    """One line per trainer against sampling step 1..K (e.g. Dice vs step, max ΔDice across seeds vs step), or
+    against another 1-based count named by `xlabel` (epochs, timesteps).
 
     Uses the Agg canvas directly, so no display is needed and no global matplotlib backend is changed. The legend
     sits beside the axes and the canvas grows to fit it (a tight bounding box; tight_layout gave up, with a warning,
@@ -62,7 +64,7 @@ def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_
     for name, values in curves.items():
         steps = np.arange(1, len(values) + 1)
         axes.plot(steps, np.asarray(values, dtype=float), marker="o", label=name)
-    axes.set_xlabel("sampling step")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.grid(alpha=0.3)

@@ -1,0 +1,556 @@
+"""Cross-validation of trainers on a planned dataset: the library behind `nnunet-diffusion crossval` (see that
+command's help for what it runs and writes).
+
+A *unit* is one training: a trainer, a repeat (an independent training run with its own results folder and
+seed) and a fold of nnU-Net's `splits_final.json`. Every unit is trained with nnU-Net's own loop in a fresh
+process, then its fold's held-out cases are predicted with nnU-Net's predictor (every sampling step of a
+diffusion model, per sampler and seed) or, where nnU-Net's own fold validation already holds the scores, read
+from its `validation/summary.json`. Each finished step leaves a file, so a rerun skips it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_diffusion.evaluation.ablation import ensemble_folders
+from nnunet_diffusion.evaluation.metrics import evaluate_folder
+from nnunet_diffusion.evaluation.model_evaluation import NO_SAMPLER, EvaluationOptions, evaluate_models
+from nnunet_diffusion.evaluation.splits import load_or_write_splits
+from nnunet_diffusion.evaluation.statistics import paired_difference
+from nnunet_diffusion.utils import TrainingBudget, model_folder, nanmean
+
+TRAINING_RECORD = "crossval_training.json"
+UNIT_RECORD = "unit.json"
+
+
+class CrossValidationError(RuntimeError):
+    """A training of the cross-validation failed."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One training: trainer × repeat × fold."""
+    trainer: str
+    repeat: int
+    fold: int
+
+    @property
+    def seed(self) -> int:
+        """Distinct per repeat and fold, the same on every rerun."""
+        return 1000 * self.repeat + self.fold
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """What to train and how to score it."""
+    dataset: str  # nnU-Net's dataset name, DatasetXXX_Name
+    configuration: str
+    plans: str
+    trainers: tuple[str, ...]
+    baseline: str
+    folds: tuple[int, ...]
+    output: Path
+    results_root: Path  # the nnUNet_results of repeat 0; repeat r lives in <results_root>/crossval_repeat_<r>
+    evaluation: EvaluationOptions
+    budget: TrainingBudget | None = None  # None: each trainer's own epochs and iterations
+    repeats: int = 1
+    repeat_trainers: tuple[str, ...] = ()  # default: every trainer
+    repeat_folds: tuple[int, ...] = ()  # default: every fold
+    num_folds: int = 5
+    group_pattern: str | None = None
+    diffusion_trainers: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self):
+        if self.baseline in self.diffusion_trainers:
+            raise ValueError(f"--baseline {self.baseline} is a diffusion trainer; the ensembles need a non-diffusion "
+                             f"one, e.g. nnUNetTrainer")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+        stray = sorted(set(self.repeat_trainers) - set(self.all_trainers))
+        if stray:
+            raise ValueError(f"--repeat-trainers {', '.join(stray)} are not among the compared trainers")
+        stray_folds = sorted(set(self.repeat_folds) - set(self.folds))
+        if stray_folds:
+            raise ValueError(f"--repeat-folds {stray_folds} are not among the folds {list(self.folds)}")
+
+    @property
+    def all_trainers(self) -> list[str]:
+        """The baseline first (ensembles need it), then the compared trainers in the given order."""
+        return list(dict.fromkeys([self.baseline, *self.trainers]))
+
+    def units(self) -> list[Unit]:
+        """Repeat 0 of every trainer and fold, then the further repeats, in the order they are trained."""
+        units = [Unit(t, 0, f) for t in self.all_trainers for f in self.folds]
+        for repeat in range(1, self.repeats):
+            units += [Unit(t, repeat, f) for t in (self.repeat_trainers or self.all_trainers)
+                      for f in (self.repeat_folds or self.folds)]
+        return units
+
+    def results_of(self, repeat: int) -> Path:
+        return self.results_root if repeat == 0 else self.results_root / f"crossval_repeat_{repeat}"
+
+    def fold_folder(self, unit: Unit) -> Path:
+        return model_folder(self.results_of(unit.repeat), self.dataset, unit.trainer, self.plans,
+                            self.configuration) / f"fold_{unit.fold}"
+
+    def unit_output(self, unit: Unit) -> Path:
+        return self.output / "units" / unit.trainer / f"repeat_{unit.repeat}" / f"fold_{unit.fold}"
+
+
+def _write_atomically(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=1, default=str))
+    partial.replace(path)
+
+
+def _budget_record(budget: TrainingBudget | None) -> dict | None:
+    return None if budget is None else asdict(budget)
+
+
+def train_unit(cv: CrossValidation, unit: Unit, env: dict[str, str]) -> dict:
+    """Train one unit in a fresh process unless its checkpoint_final exists; returns its training record (budget,
+    seed, wall clock). A fold trained without this command (e.g. by hand with nnUNetv2_train) counts as trained
+    with its trainer's own budget."""
+    folder = cv.fold_folder(unit)
+    record_file = folder / TRAINING_RECORD
+    wanted = _budget_record(cv.budget)
+    if (folder / "checkpoint_final.pth").is_file():
+        record = json.loads(record_file.read_text()) if record_file.is_file() else \
+            {"budget": None, "seed": None, "wall_seconds": None, "command": "trained outside nnunet-diffusion crossval"}
+        if record["budget"] != wanted:
+            raise ValueError(f"{folder} was trained with budget {record['budget'] or 'of its trainer'}, not the "
+                             f"requested {wanted or 'of its trainer'}; give the same --epochs/--iterations, another "
+                             f"--results-root, or remove that fold folder")
+        return record
+    command = [sys.executable, "-m", "nnunet_diffusion.runs", cv.dataset, cv.configuration, str(unit.fold),
+               unit.trainer, "-p", cv.plans, "-device", cv.evaluation.device, "--seed", str(unit.seed)]
+    if cv.budget is not None:
+        command += ["--budget", str(cv.budget.epochs), str(cv.budget.iterations), str(cv.budget.val_iterations)]
+    log = cv.output / "logs" / f"{unit.trainer}_repeat{unit.repeat}_fold{unit.fold}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"train {unit.trainer} repeat {unit.repeat} fold {unit.fold} (log: {log})", flush=True)
+    start = time.time()
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
+        result = subprocess.run(command, env={**env, "nnUNet_results": str(cv.results_of(unit.repeat))},
+                                stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise CrossValidationError(f"training {unit.trainer} repeat {unit.repeat} fold {unit.fold} failed (exit "
+                                   f"{result.returncode}); see {log}")
+    record = {"budget": wanted, "seed": unit.seed, "wall_seconds": time.time() - start, "command": " ".join(command)}
+    _write_atomically(record_file, record)
+    return record
+
+
+def link_fold_cases(cv: CrossValidation, raw_dataset: Path, reference_folder: Path, fold: int,
+                    cases: Sequence[str], file_ending: str) -> tuple[Path, Path]:
+    """Folders of links to one fold's held-out images and references, in nnU-Net's naming, for the predictor."""
+    root = cv.output / "folds" / f"fold_{fold}"
+    images, labels = root / "images", root / "labels"
+    for folder in (images, labels):
+        folder.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        channels = sorted((raw_dataset / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{file_ending}"))
+        if not channels:
+            raise ValueError(f"{raw_dataset / 'imagesTr'} holds no image of held-out case {case}")
+        for source in [*channels, reference_folder / f"{case}{file_ending}"]:
+            target = (labels if source.parent == reference_folder else images) / source.name
+            if not target.exists():
+                target.symlink_to(source.resolve())
+    return images, labels
+
+
+def _read_nnunet_validation(cv: CrossValidation, unit: Unit, cases: Sequence[str], names: dict[str, str],
+                            file_ending: str, needs_probabilities: bool) -> list[dict] | None:
+    """Per-case rows from nnU-Net's own fold validation of a non-diffusion model, when it scored exactly this
+    fold's held-out cases as the requested prediction would (with mirroring, as nnU-Net validates) and left
+    probabilities (`nnUNetv2_train --npz`) where the ensembles need them; otherwise None."""
+    validation = cv.fold_folder(unit) / "validation"
+    summary_file = validation / "summary.json"
+    if unit.trainer in cv.diffusion_trainers or not cv.evaluation.use_mirroring or not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    by_case = {Path(c["reference_file"]).name[:-len(file_ending)]: c["metrics"] for c in summary["metric_per_case"]}
+    if sorted(by_case) != sorted(cases) or (needs_probabilities and not all(
+            (validation / f"{c}.npz").is_file() for c in cases)):
+        return None
+    rows = []
+    for case in cases:
+        metrics = {k: v for k, v in by_case[case].items() if k != "0"}
+        row = {"model": unit.trainer, "trainer": unit.trainer, "sampler": NO_SAMPLER, "seed": "", "step": 1,
+               "steps": 1, "case": case, "Dice": nanmean([m["Dice"] for m in metrics.values()]),
+               "HD95": float("nan")}
+        for key, values in metrics.items():
+            row[f"Dice {names.get(key, key)}"] = values["Dice"]
+            row[f"HD95 {names.get(key, key)}"] = float("nan")
+        rows.append(row)
+    return rows
+
+
+def _training_curves(fold_folder: Path) -> dict:
+    """Pseudo-Dice, training loss and epoch times from nnU-Net's checkpoint log, and the last epoch's training
+    loss per diffusion timestep (diffusion trainers write it beside the checkpoint)."""
+    import torch
+    logging = torch.load(fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    curves = {"pseudo_dice": [float(x) for x in logging["mean_fg_dice"]],
+              "train_loss": [float(x) for x in logging["train_losses"]],
+              "epoch_seconds": [e - s for s, e in zip(logging["epoch_start_timestamps"],
+                                                      logging["epoch_end_timestamps"])]}
+    per_timestep = fold_folder / "loss_per_timestep.json"
+    if per_timestep.is_file():
+        curves["loss_per_timestep"] = json.loads(per_timestep.read_text())["epochs"][-1]["loss"]
+    return curves
+
+
+def evaluate_unit(cv: CrossValidation, unit: Unit, training: dict, images: Path, labels: Path,
+                  cases: Sequence[str], names: dict[str, str], file_ending: str) -> dict:
+    """Per-case scores of one unit on its fold's held-out cases (every step, sampler and seed of a diffusion
+    model), cached in `units/<trainer>/repeat_<r>/fold_<f>/unit.json` together with what produced them, so a
+    rerun with other options or a retrained fold scores again."""
+    output = cv.unit_output(unit)
+    options = replace(cv.evaluation, folds=(unit.fold,), save_probabilities=True)
+    key = {"options": asdict(options), "training": training, "cases": sorted(cases)}
+    cached = output / UNIT_RECORD
+    if cached.is_file():
+        record = json.loads(cached.read_text())
+        if record["key"] == json.loads(json.dumps(key, default=str)):
+            return record
+    needs_probabilities = bool(cv.diffusion_trainers) and unit.trainer == cv.baseline
+    start = time.perf_counter()
+    rows = _read_nnunet_validation(cv, unit, cases, names, file_ending, needs_probabilities)
+    if rows is not None:
+        source, predictions = "nnU-Net's fold validation", {NO_SAMPLER: str(cv.fold_folder(unit) / "validation")}
+    else:
+        print(f"predict {unit.trainer} repeat {unit.repeat} fold {unit.fold}: {len(cases)} held-out case(s)",
+              flush=True)
+        results = evaluate_models([cv.fold_folder(unit).parent], images, labels, output, options)
+        rows, source = results["per_case"], "predicted"
+        predictions = {run: str(output / "predictions" / unit.trainer / run) for run in
+                       dict.fromkeys(f"{r['sampler']}/seed_{r['seed']}" for r in rows if r["sampler"] != NO_SAMPLER)}
+        if not predictions:
+            predictions = {NO_SAMPLER: str(output / "predictions" / unit.trainer)}
+    runs = max(1, len(predictions))
+    record = {"key": key, **asdict(unit), "diffusion": unit.trainer in cv.diffusion_trainers, "source": source,
+              "per_case": rows, "predictions": predictions, "training": training,
+              "predict_seconds_per_case": (time.perf_counter() - start) / len(cases) / runs if source == "predicted"
+              else None, **_training_curves(cv.fold_folder(unit))}
+    _write_atomically(cached, record)
+    return json.loads(cached.read_text())
+
+
+def ensemble_unit(cv: CrossValidation, diffusion: dict, baseline: dict, labels: Path, cases: Sequence[str],
+                  targets: Sequence, names: dict[str, str], file_ending: str) -> list[dict]:
+    """Final-step probabilities of a diffusion unit averaged with its fold's baseline (nnU-Net's `merge_files`),
+    per sampler and seed, scored on the held-out cases; cached beside the unit."""
+    label = f"{diffusion['trainer']} + {cv.baseline}"
+    output = cv.unit_output(Unit(diffusion["trainer"], diffusion["repeat"], diffusion["fold"])) / "ensemble"
+    cached = output / "ensemble.json"
+    key = {"diffusion": diffusion["key"], "baseline": baseline["key"], "baseline_repeat": baseline["repeat"]}
+    if cached.is_file():
+        record = json.loads(cached.read_text())
+        if record["key"] == key:
+            return record["per_case"]
+    rows = []
+    for run, folder in diffusion["predictions"].items():
+        sampler, seed = run.split("/seed_")
+        merged = ensemble_folders(Path(baseline["predictions"][NO_SAMPLER]), Path(folder), cases, output / run)
+        for score in evaluate_folder(merged, labels, targets, file_ending)["metric_per_case"]:
+            metrics = score["metrics"]
+            row = {"model": label, "trainer": "ensemble", "sampler": sampler, "seed": int(seed), "step": 1, "steps": 1,
+                   "case": Path(score["prediction_file"]).name[:-len(file_ending)],
+                   "Dice": nanmean([m["Dice"] for m in metrics.values()]),
+                   "HD95": nanmean([m["HD95"] for m in metrics.values()])}
+            for k, values in metrics.items():
+                row[f"Dice {names.get(k, k)}"] = values["Dice"]
+                row[f"HD95 {names.get(k, k)}"] = values["HD95"]
+            rows.append(row)
+    _write_atomically(cached, {"key": key, "per_case": rows})
+    return rows
+
+
+def _final_rows(units: Sequence[dict], ensembles: Sequence[dict]) -> list[dict]:
+    """Each prediction's last step (stock models and ensembles have one), tagged with its repeat and fold."""
+    rows = [{**r, "repeat": u["repeat"], "fold": u["fold"]} for u in units for r in u["per_case"]
+            if r["step"] == r["steps"]]
+    return rows + list(ensembles)
+
+
+def _groups(rows: Sequence[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups
+
+
+def case_scores(rows: Sequence[dict], column: str = "Dice") -> dict[str, float]:
+    """One score per case: the mean over sampling seeds within a training, then over repeated trainings."""
+    per_training = {k: nanmean([r[column] for r in g]) for k, g in _groups(rows, "case", "repeat").items()}
+    return {case: nanmean([v for (c, _), v in per_training.items() if c == case])
+            for case in dict.fromkeys(c for c, _ in per_training)}
+
+
+def summarise_cross_validation(cv: CrossValidation, units: Sequence[dict], ensembles: Sequence[dict]) -> dict:
+    """Tables of the runs so far: per model and sampler, per step, seed spread, paired differences, curves, time."""
+    final = _final_rows(units, ensembles)
+    class_columns = [c for c in dict.fromkeys(k for r in final for k in r) if c.startswith("Dice ")]
+    table = []
+    for (model, sampler), rows in _groups(final, "model", "sampler").items():
+        scores = case_scores(rows)
+        training_means = {k: nanmean([r["Dice"] for r in g]) for k, g in _groups(rows, "fold", "repeat").items()}
+        run_sds = [float(np.std(v, ddof=1)) for fold in dict.fromkeys(f for f, _ in training_means)
+                   if len(v := [m for (f, _), m in training_means.items() if f == fold]) > 1]
+        values = np.array([v for v in scores.values() if not np.isnan(v)])
+        table.append({"model": model, "sampler": sampler, "trainings": len(training_means), "cases": len(scores),
+                      "Dice": float(values.mean()), "Dice_sd": float(values.std(ddof=1)) if len(values) > 1 else None,
+                      **{c: nanmean(list(case_scores(rows, c).values())) for c in class_columns},
+                      "HD95": nanmean(list(case_scores(rows, "HD95").values())),
+                      "run_sd": float(np.mean(run_sds)) if run_sds else None})
+    per_step, seed_spread = [], []
+    all_rows = [{**r, "repeat": u["repeat"], "fold": u["fold"]} for u in units if u["diffusion"] for r in u["per_case"]]
+    for (model, sampler, step), rows in _groups(all_rows, "model", "sampler", "step").items():
+        per_step.append({"model": model, "sampler": sampler, "step": step,
+                         "Dice": nanmean(list(case_scores(rows).values()))})
+        spreads = [max(d) - min(d) for g in _groups(rows, "case", "repeat", "fold").values()
+                   if len(d := [r["Dice"] for r in g if not np.isnan(r["Dice"])]) > 1]
+        if spreads:
+            seed_spread.append({"model": model, "sampler": sampler, "step": step, "seeds": len(
+                {r["seed"] for r in rows}), "max_delta_dice": float(np.mean(spreads)),
+                "max_delta_dice_largest": float(np.max(spreads))})
+    scores = {(r["model"], r["sampler"]): case_scores(rows) for r, rows in
+              ((rows[0], rows) for rows in _groups(final, "model", "sampler").values())}
+    return {"table": table, "per_step": per_step, "seed_spread": seed_spread,
+            "differences": _differences(cv, scores), "curves": _curves(units), "timing": _timing(units)}
+
+
+def comparison_pairs(cv: CrossValidation) -> list[tuple[str, str]]:
+    """A − B pairs the paper's claims need: each diffusion trainer against the baseline, later trainers against
+    earlier ones in the given order (e.g. Recycle − Diff when Diff comes first), and each ensemble against both
+    of its members."""
+    diffusion = [t for t in cv.trainers if t in cv.diffusion_trainers]
+    others = [t for t in cv.trainers if t not in cv.diffusion_trainers and t != cv.baseline]
+    pairs = [(t, cv.baseline) for t in [*others, *diffusion]]
+    pairs += [(later, earlier) for i, earlier in enumerate(diffusion) for later in diffusion[i + 1:]]
+    for t in diffusion:
+        pairs += [(f"{t} + {cv.baseline}", cv.baseline), (f"{t} + {cv.baseline}", t)]
+    return pairs
+
+
+def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, float]]) -> list[dict]:
+    """Paired per-case differences of the final predictions, per sampler (a model without one pairs with each)."""
+    samplers = list(cv.evaluation.samplers)
+    out, pairs_done = [], set()
+    for a, b in comparison_pairs(cv):
+        for sampler in samplers:
+            key_a = (a, sampler) if (a, sampler) in scores else (a, NO_SAMPLER)
+            key_b = (b, sampler) if (b, sampler) in scores else (b, NO_SAMPLER)
+            if key_a not in scores or key_b not in scores or (key_a, key_b) in pairs_done:
+                continue
+            pairs_done.add((key_a, key_b))
+            one_pass = key_a[1] == key_b[1] == NO_SAMPLER
+            out.append({**paired_difference(a, b, scores[key_a], scores[key_b]).as_row(),
+                        "sampler": NO_SAMPLER if one_pass else sampler})
+    return out
+
+
+def _curves(units: Sequence[dict]) -> list[dict]:
+    """Per trainer, means over its trainings: validation pseudo-Dice and training loss per epoch, and the last
+    epoch's training loss per diffusion timestep."""
+    curves = []
+    for (trainer,), group in _groups(units, "trainer").items():
+        epochs = min(len(u["pseudo_dice"]) for u in group)
+        entry = {"trainer": trainer, "trainings": len(group),
+                 "pseudo_dice": np.mean([u["pseudo_dice"][:epochs] for u in group], 0).tolist(),
+                 "train_loss": np.mean([u["train_loss"][:epochs] for u in group], 0).tolist()}
+        per_t = [u["loss_per_timestep"] for u in group if "loss_per_timestep" in u]
+        if per_t:
+            entry["loss_per_timestep"] = [nanmean([float("nan") if v[t] is None else v[t] for v in per_t])
+                                          for t in range(len(per_t[0]))]
+        curves.append(entry)
+    return curves
+
+
+def _timing(units: Sequence[dict]) -> list[dict]:
+    """Wall clock as a user sees it: the training process (start-up, augmentation workers, all epochs), an
+    epoch, and the prediction of one held-out case per sampler run (all steps exported and scored)."""
+    rows = []
+    for (trainer,), group in _groups(units, "trainer").items():
+        wall = [u["training"]["wall_seconds"] for u in group if u["training"]["wall_seconds"] is not None]
+        predict = [u["predict_seconds_per_case"] for u in group if u["predict_seconds_per_case"] is not None]
+        rows.append({"trainer": trainer, "trainings": len(group),
+                     "training_seconds": float(np.median(wall)) if wall else None,
+                     "epoch_seconds": float(np.median([e for u in group for e in u["epoch_seconds"]])),
+                     "predict_seconds_per_case": float(np.median(predict)) if predict else None})
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 3, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequence[dict]) -> str:
+    """results.md: the tables of `summary` with the settings that produced them."""
+    budget = "each trainer's own epochs and iterations" if cv.budget is None else \
+        f"{cv.budget.epochs} epochs × {cv.budget.iterations} iterations ({cv.budget.val_iterations} validation " \
+        f"batches per epoch)"
+    options = cv.evaluation
+    lines = [f"# Cross-validation on {cv.dataset} ({cv.configuration}, {cv.plans})", "",
+             f"{len(splits)}-fold split of `splits_final.json`, folds {', '.join(map(str, cv.folds))}"
+             + (f", cases grouped by `{cv.group_pattern}`" if cv.group_pattern else "")
+             + f"; {cv.repeats} training run(s) per unit"
+             + (f" (repeats for {', '.join(cv.repeat_trainers or cv.all_trainers)} on folds "
+                f"{', '.join(map(str, cv.repeat_folds or cv.folds))})" if cv.repeats > 1 else "")
+             + f". Budget: {budget}. Prediction: {'with' if options.use_mirroring else 'no'} mirroring, "
+             f"samplers {', '.join(options.samplers)}, seeds {', '.join(map(str, options.seeds))}, "
+             f"{options.steps or 'T'} steps.", "",
+             "## Held-out Dice", "",
+             "Each case's Dice (foreground mean; per class in the named columns) is averaged over sampling seeds "
+             "and repeated trainings, then over cases (± sd over cases). `run sd`: the sd of a fold's mean Dice "
+             "between repeated trainings, averaged over the folds trained more than once. Diffusion models at "
+             "their last step; `+` rows average the probabilities of the two models (nnU-Net's ensembling).", ""]
+    class_columns = [c for c in dict.fromkeys(k for r in summary["table"] for k in r) if c.startswith("Dice ")]
+    lines.append(_table(["model", "sampler", "trainings", "cases", "Dice", *class_columns, "HD95", "run sd"],
+                        [[r["model"], r["sampler"], r["trainings"], r["cases"],
+                          f"{_fmt(r['Dice'])} ± {_fmt(r['Dice_sd'])}", *(_fmt(r.get(c)) for c in class_columns),
+                          _fmt(r["HD95"], 2), _fmt(r["run_sd"])] for r in summary["table"]]))
+    lines += ["", "## Paired differences", "",
+              "A − B per held-out case (final predictions), mean, 95 % bootstrap interval over cases, Wilcoxon "
+              "signed-rank p (two-sided) and the cases where A scored higher; *within noise* when the interval "
+              "contains 0.", ""]
+    lines.append(_table(["A − B", "sampler", "cases", "mean", "95 % interval", "p", "A higher", "reading"],
+                        [[f"{d['a']} − {d['b']}", d["sampler"], d["cases"], _fmt(d["mean"], signed=True),
+                          f"[{_fmt(d['interval_low'], signed=True)}, {_fmt(d['interval_high'], signed=True)}]",
+                          f"{d['p_signed_rank']:.2g}", f"{d['a_better']}/{d['cases']}",
+                          ("A better" if d["mean"] > 0 else "B better") if d["separated"] else "within noise"]
+                         for d in summary["differences"]]))
+    if summary["per_step"]:
+        steps = max(r["step"] for r in summary["per_step"])
+        runs = _groups(summary["per_step"], "model", "sampler")
+        lines += ["", "## Dice per sampling step", "",
+                  _table(["model", "sampler", *range(1, steps + 1)],
+                         [[m, s, *(_fmt(r["Dice"]) for r in sorted(g, key=lambda r: r["step"]))]
+                          for (m, s), g in runs.items()])]
+    if summary["seed_spread"]:
+        steps = max(r["step"] for r in summary["seed_spread"])
+        runs = _groups(summary["seed_spread"], "model", "sampler")
+        lines += ["", "## Largest Dice difference across sampling seeds per step", "",
+                  "Per case, max − min Dice over the seeds; mean over cases (largest case in brackets).", "",
+                  _table(["model", "sampler", "seeds", *range(1, steps + 1)],
+                         [[m, s, g[0]["seeds"], *(f"{r['max_delta_dice']:.4f} ({r['max_delta_dice_largest']:.3f})"
+                                                  for r in sorted(g, key=lambda r: r["step"]))]
+                          for (m, s), g in runs.items()])]
+    epochs = max(len(c["pseudo_dice"]) for c in summary["curves"])
+    shown = sorted({0, epochs - 1, *range(0, epochs, max(1, epochs // 10))})
+    lines += ["", "## Training", "", "Validation pseudo-Dice (nnU-Net's online estimate) per epoch, mean over "
+              "trainings (`pseudo_dice.png`):", "",
+              _table(["trainer", *(e + 1 for e in shown)],
+                     [[c["trainer"], *(_fmt(c["pseudo_dice"][e]) if e < len(c["pseudo_dice"]) else "" for e in shown)]
+                      for c in summary["curves"]])]
+    per_t = [c for c in summary["curves"] if "loss_per_timestep" in c]
+    if per_t:
+        steps = max(len(c["loss_per_timestep"]) for c in per_t)
+        lines += ["", "Training x0 cross-entropy per timestep t in the last epoch (t = 0 least noise):", "",
+                  _table(["trainer", *(f"t={t}" for t in range(steps))],
+                         [[c["trainer"], *(_fmt(v) for v in c["loss_per_timestep"])] for c in per_t])]
+    lines += ["", "Wall clock (median per training run): the training process as `nnUNetv2_train` runs it "
+              "(without its final validation), one epoch, and the prediction of one held-out case per sampler "
+              "run (every step exported and scored):", "",
+              _table(["trainer", "trainings", "training (s)", "epoch (s)", "predict per case (s)"],
+                     [[t["trainer"], t["trainings"], _fmt(t["training_seconds"], 0), _fmt(t["epoch_seconds"], 1),
+                       _fmt(t["predict_seconds_per_case"], 1)] for t in summary["timing"]])]
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
+    from nnunet_diffusion.utils import markdown_table
+    return markdown_table(header, rows)
+
+
+def plot_cross_validation(summary: dict, output: Path) -> list[Path]:
+    """pseudo_dice.png (per epoch), dice_vs_step_<sampler>.png, loss_per_timestep.png."""
+    from nnunet_diffusion.evaluation.report import plot_metric_vs_step
+    written = [plot_metric_vs_step({c["trainer"]: c["pseudo_dice"] for c in summary["curves"]}, "pseudo-Dice",
+                                   output / "pseudo_dice.png", xlabel="epoch")]
+    for (sampler,), rows in _groups(summary["per_step"], "sampler").items():
+        curves = {m: [r["Dice"] for r in sorted(g, key=lambda r: r["step"])]
+                  for (m,), g in _groups(rows, "model").items()}
+        written.append(plot_metric_vs_step(curves, f"held-out Dice ({sampler})", output / f"dice_vs_step_{sampler}.png"))
+    per_t = {c["trainer"]: c["loss_per_timestep"] for c in summary["curves"] if "loss_per_timestep" in c}
+    if per_t:
+        written.append(plot_metric_vs_step(per_t, "training x0 cross-entropy", output / "loss_per_timestep.png",
+                                           xlabel="timestep t + 1"))
+    return written
+
+
+def dataset_cases(preprocessed_dataset: Path, file_ending: str) -> list[str]:
+    """The dataset's training cases: nnU-Net's copies of their references in `gt_segmentations`."""
+    references = preprocessed_dataset / "gt_segmentations"
+    cases = sorted(p.name[:-len(file_ending)] for p in references.glob(f"*{file_ending}"))
+    if not cases:
+        raise ValueError(f"{references} holds no '*{file_ending}' reference; run nnUNetv2_plan_and_preprocess first")
+    return cases
+
+
+def run_cross_validation(cv: CrossValidation, raw_dataset: Path, preprocessed_dataset: Path) -> dict:
+    """Train what is missing, score every unit and ensemble, and rewrite results.json / results.md / plots after
+    each unit, so that an interrupted run leaves the tables of what finished."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_diffusion.environment import with_plugin_environment
+    from nnunet_diffusion.evaluation.metrics import evaluation_targets, target_names
+    from nnunet_diffusion.evaluation.report import write_csv, write_json
+
+    dataset_json = json.loads((preprocessed_dataset / "dataset.json").read_text())
+    file_ending = dataset_json["file_ending"]
+    plans_file = preprocessed_dataset / f"{cv.plans}.json"
+    if not plans_file.is_file():
+        raise ValueError(f"{plans_file} does not exist; plan the dataset (and derive {cv.plans}) first")
+    plans_manager = PlansManager(str(plans_file))
+    if cv.configuration not in plans_manager.available_configurations:
+        raise ValueError(f"{plans_file} has no configuration {cv.configuration!r} "
+                         f"(it has {', '.join(plans_manager.available_configurations)})")
+    targets = evaluation_targets(plans_manager.get_label_manager(dataset_json))
+    names = target_names(dataset_json)
+    cases = dataset_cases(preprocessed_dataset, file_ending)
+    splits = load_or_write_splits(preprocessed_dataset, cases, cv.num_folds, cv.group_pattern)
+    missing = [f for f in cv.folds if f >= len(splits)]
+    if missing:
+        raise ValueError(f"folds {missing} do not exist: {preprocessed_dataset / 'splits_final.json'} holds "
+                         f"{len(splits)}")
+    env = with_plugin_environment()
+    units, ensembles = [], []
+    summary: dict = {}
+    for unit in cv.units():
+        held_out = splits[unit.fold]["val"]
+        images, labels = link_fold_cases(cv, raw_dataset, preprocessed_dataset / "gt_segmentations", unit.fold,
+                                         held_out, file_ending)
+        training = train_unit(cv, unit, env)
+        record = evaluate_unit(cv, unit, training, images, labels, held_out, names, file_ending)
+        units.append(record)
+        if record["diffusion"]:
+            baseline = next((u for u in reversed(units) if u["trainer"] == cv.baseline and u["fold"] == unit.fold
+                             and u["repeat"] in (unit.repeat, 0)), None)
+            rows = ensemble_unit(cv, record, baseline, labels, held_out, targets, names, file_ending)
+            ensembles += [{**r, "repeat": unit.repeat, "fold": unit.fold} for r in rows]
+        summary = summarise_cross_validation(cv, units, ensembles)
+        result = {"dataset": cv.dataset, "configuration": cv.configuration, "plans": cv.plans,
+                  "baseline": cv.baseline, "budget": _budget_record(cv.budget), "options": asdict(cv.evaluation),
+                  "folds": list(cv.folds), "repeats": cv.repeats, "group_pattern": cv.group_pattern,
+                  "splits": splits, "units": [{k: v for k, v in u.items() if k != "per_case"} for u in units],
+                  **summary}
+        write_json(result, cv.output / "results.json")
+        write_csv([{**r, "repeat": u["repeat"], "fold": u["fold"]} for u in units for r in u["per_case"]] + ensembles,
+                  cv.output / "per_case.csv")
+        (cv.output / "results.md").write_text(cross_validation_markdown(cv, summary, splits), encoding="utf-8")
+        plot_cross_validation(summary, cv.output)
+    return summary

@@ -1,0 +1,67 @@
+"""Paired comparisons of two models on the same held-out cases: the mean per-case difference with a bootstrap
+interval, and the Wilcoxon signed-rank test that Fu et al. use (scipy's)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+BOOTSTRAP_RESAMPLES = 10000
+
+
+def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean, resampling the values (cases) with replacement; seeded, so a table
+    rebuilt from the same scores is the same."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"bootstrap_interval needs a non-empty 1-D array, got shape {values.shape}")
+    means = np.random.default_rng(seed).choice(values, size=(resamples, len(values)), replace=True).mean(1)
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def signed_rank_p(differences: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired differences; 1.0 when every difference is zero (scipy
+    has no test to run then: nothing separates the two)."""
+    differences = np.asarray(differences, dtype=float)
+    if not np.any(differences):
+        return 1.0
+    return float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """A − B over the cases both were scored on."""
+    a: str
+    b: str
+    cases: int
+    mean: float
+    interval_low: float
+    interval_high: float
+    p_signed_rank: float
+    a_better: int  # cases where A scored higher
+
+    @property
+    def separated(self) -> bool:
+        """Whether the 95 % interval excludes zero: the difference is beyond the case-to-case noise."""
+        return self.interval_low > 0 or self.interval_high < 0
+
+    def as_row(self) -> dict:
+        return {**asdict(self), "separated": self.separated}
+
+
+def paired_difference(a: str, b: str, scores_a: Mapping[str, float], scores_b: Mapping[str, float]
+                      ) -> PairedDifference:
+    """Compare two models on their common cases (scores are per case, e.g. Dice averaged over repeats); NaN
+    scores (nothing to score in a case) are left out of the pairing."""
+    cases = sorted(c for c in set(scores_a) & set(scores_b)
+                   if not (np.isnan(scores_a[c]) or np.isnan(scores_b[c])))
+    if not cases:
+        raise ValueError(f"{a} and {b} share no scored case; they cannot be compared")
+    differences = np.array([scores_a[c] - scores_b[c] for c in cases])
+    low, high = bootstrap_interval(differences)
+    return PairedDifference(a, b, len(cases), float(differences.mean()), low, high, signed_rank_p(differences),
+                            int((differences > 0).sum()))
