@@ -1,0 +1,158 @@
+"""The statistics and folds behind `nnunet-diffusion crossval`: bootstrap intervals, the signed-rank test, paired
+differences, grouped nnU-Net splits, and the summary of unit records."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+from nnunet_diffusion.evaluation.cross_validation import (CrossValidation, Unit, _read_nnunet_validation,
+                                                          case_scores, comparison_pairs, summarise_cross_validation)
+from nnunet_diffusion.evaluation.model_evaluation import EvaluationOptions
+from nnunet_diffusion.evaluation.splits import check_splits, group_of, grouped_splits, load_or_write_splits
+from nnunet_diffusion.evaluation.statistics import bootstrap_interval, paired_difference, signed_rank_p
+
+ACDC_LIKE = [f"patient{p:03d}_frame0{f}" for p in range(1, 11) for f in (1, 2)]
+
+
+def test_the_bootstrap_interval_holds_the_mean_narrows_with_more_cases_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(0.01, 0.05, 4), rng.normal(0.01, 0.05, 200)
+    for values in (few, many):
+        low, high = bootstrap_interval(values)
+        assert low < values.mean() < high
+    assert np.subtract(*bootstrap_interval(many)[::-1]) < np.subtract(*bootstrap_interval(few)[::-1]) / 3
+    assert bootstrap_interval(few) == bootstrap_interval(few)
+    assert bootstrap_interval(np.full(5, 0.2)) == pytest.approx((0.2, 0.2))
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_interval(np.array([]))
+
+
+def test_the_signed_rank_test_is_exact_for_small_samples_and_one_when_nothing_differs():
+    # 10 positive differences: the exact two-sided p is 2 / 2^10
+    assert signed_rank_p(np.arange(1, 11) / 100) == pytest.approx(2 / 2 ** 10)
+    assert signed_rank_p(np.zeros(7)) == 1.0
+    assert signed_rank_p(np.array([0.1, -0.1, 0.2, -0.2, 0.05, -0.05])) == pytest.approx(1.0)
+
+
+def test_a_paired_difference_uses_common_scored_cases_and_says_whether_it_is_beyond_noise():
+    a = {"c1": 0.9, "c2": 0.8, "c3": 0.7, "c4": float("nan"), "only_a": 0.1}
+    b = {"c1": 0.8, "c2": 0.7, "c3": 0.6, "c4": 0.5}
+    difference = paired_difference("A", "B", a, b)
+    assert difference.cases == 3 and difference.mean == pytest.approx(0.1) and difference.a_better == 3
+    assert difference.separated and difference.as_row()["separated"]
+    noisy = paired_difference("A", "B", {"x": 0.9, "y": 0.5}, {"x": 0.8, "y": 0.6})
+    assert noisy.mean == pytest.approx(0.0) and not noisy.separated
+    with pytest.raises(ValueError, match="share no scored case"):
+        paired_difference("A", "B", {"x": 1.0}, {"y": 1.0})
+
+
+def test_without_a_pattern_the_split_is_nnunets_own():
+    cases = [f"case_{i:03d}" for i in range(12)]
+    assert grouped_splits(cases[::-1], 5) == [{k: sorted(v) for k, v in s.items()}
+                                              for s in generate_crossval_split(cases, seed=12345, n_splits=5)]
+
+
+def test_grouped_folds_hold_out_both_frames_of_a_patient_together():
+    splits = grouped_splits(ACDC_LIKE, 5, r"patient\d+")
+    assert len(splits) == 5
+    assert sorted(c for s in splits for c in s["val"]) == sorted(ACDC_LIKE)  # every case held out once
+    for split in splits:
+        held_out = {group_of(c, r"patient\d+") for c in split["val"]}
+        assert len(split["val"]) == 2 * len(held_out)
+        assert not held_out & {group_of(c, r"patient\d+") for c in split["train"]}
+    check_splits(splits, ACDC_LIKE, r"patient\d+", Path("splits_final.json"))
+
+
+def test_splits_that_break_a_group_or_repeat_a_case_are_refused_with_the_file_named():
+    broken = grouped_splits(ACDC_LIKE, 5)  # ungrouped: frames of a patient land in different folds
+    with pytest.raises(ValueError, match=r"splits_final.json: .*trains on groups it holds out.*Remove it"):
+        check_splits(broken, ACDC_LIKE, r"patient\d+", Path("splits_final.json"))
+    twice = [{"train": ACDC_LIKE[2:], "val": ACDC_LIKE[:2]}, {"train": ACDC_LIKE[1:], "val": ACDC_LIKE[:1]}]
+    with pytest.raises(ValueError, match="more than one fold: patient001_frame01"):
+        check_splits(twice, ACDC_LIKE, None, Path("x.json"))
+    with pytest.raises(ValueError, match="does not match the grouping pattern"):
+        group_of("case_001", r"patient\d+")
+    with pytest.raises(ValueError, match="5 folds need between 2 and 3 groups"):
+        grouped_splits(ACDC_LIKE[:6], 5, r"patient\d+")
+
+
+def test_the_split_is_written_once_where_nnunet_reads_it_and_then_reused(tmp_path):
+    written = load_or_write_splits(tmp_path, ACDC_LIKE, 4, r"patient\d+")
+    assert json.loads((tmp_path / "splits_final.json").read_text()) == written and len(written) == 4
+    assert load_or_write_splits(tmp_path, ACDC_LIKE, 2, None) == written  # an existing split wins
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def _cv(tmp_path, **changes) -> CrossValidation:
+    settings = dict(dataset="Dataset001_X", configuration="3d_cpu", plans="P", trainers=("D", "R"),
+                    baseline="S", folds=(0, 1), output=tmp_path, results_root=tmp_path / "results",
+                    evaluation=EvaluationOptions(samplers=("ddim",), seeds=(0, 1), device="cpu"),
+                    diffusion_trainers=frozenset({"D", "R"}))
+    return CrossValidation(**{**settings, **changes})
+
+
+def test_units_train_the_baseline_first_and_repeats_only_where_asked(tmp_path):
+    cv = _cv(tmp_path, repeats=2, repeat_trainers=("S", "R"), repeat_folds=(1,))
+    assert cv.units() == [Unit("S", 0, 0), Unit("S", 0, 1), Unit("D", 0, 0), Unit("D", 0, 1), Unit("R", 0, 0),
+                          Unit("R", 0, 1), Unit("S", 1, 1), Unit("R", 1, 1)]
+    assert cv.fold_folder(Unit("R", 1, 1)) == tmp_path / "results" / "crossval_repeat_1" / "Dataset001_X" / \
+        "R__P__3d_cpu" / "fold_1"
+    assert len({u.seed for u in cv.units()}) == len({(u.repeat, u.fold) for u in cv.units()})
+    with pytest.raises(ValueError, match="diffusion trainer"):
+        _cv(tmp_path, baseline="D")
+    with pytest.raises(ValueError, match="--repeat-folds"):
+        _cv(tmp_path, repeats=2, repeat_folds=(3,))
+    assert comparison_pairs(cv) == [("D", "S"), ("R", "S"), ("R", "D"), ("D + S", "S"), ("D + S", "D"),
+                                    ("R + S", "S"), ("R + S", "R")]
+
+
+def _row(model, case, dice, sampler="-", seed="", step=1, steps=1):
+    return {"model": model, "trainer": model, "sampler": sampler, "seed": seed, "step": step, "steps": steps,
+            "case": case, "Dice": dice, "HD95": 1.0, "Dice a": dice}
+
+
+def _unit(trainer, repeat, fold, rows, diffusion):
+    return {"trainer": trainer, "repeat": repeat, "fold": fold, "diffusion": diffusion, "per_case": rows,
+            "pseudo_dice": [0.1, 0.2], "train_loss": [1.0, 0.5], "epoch_seconds": [2.0, 2.0],
+            "training": {"wall_seconds": 5.0}, "predict_seconds_per_case": 1.0}
+
+
+def test_scores_average_seeds_within_a_training_then_repeated_trainings(tmp_path):
+    rows = [{**_row("R", "c1", d, "ddim", s, 2, 2), "repeat": r} for r, s, d in
+            [(0, 0, 0.6), (0, 1, 0.8), (1, 0, 0.9), (1, 1, 0.9)]]
+    assert case_scores(rows) == {"c1": pytest.approx(0.8)}  # (0.7 + 0.9) / 2
+    stock = [_unit("S", 0, 0, [_row("S", "c1", 0.7), _row("S", "c2", 0.5)], False),
+             _unit("S", 1, 0, [_row("S", "c1", 0.9), _row("S", "c2", 0.7)], False)]
+    recycle = [_unit("R", 0, 0, [_row("R", c, d - 0.1 * (k == 1), "ddim", s, k, 2) for c, d in (("c1", 0.8),
+               ("c2", 0.6)) for s in (0, 1) for k in (1, 2)], True)]
+    cv = _cv(tmp_path, trainers=("R",), diffusion_trainers=frozenset({"R"}))
+    summary = summarise_cross_validation(cv, stock + recycle, [])
+    table = {r["model"]: r for r in summary["table"]}
+    assert table["S"]["Dice"] == pytest.approx(0.7) and table["S"]["run_sd"] == pytest.approx(np.std([0.6, 0.8],
+                                                                                                        ddof=1))
+    assert table["R"]["Dice"] == pytest.approx(0.7) and table["R"]["trainings"] == 1
+    assert [r["Dice"] for r in summary["per_step"]] == pytest.approx([0.6, 0.7])
+    assert summary["seed_spread"][0]["max_delta_dice"] == pytest.approx(0.0)
+    (difference,) = summary["differences"]
+    assert difference["a"] == "R" and difference["mean"] == pytest.approx(0.0) and difference["cases"] == 2
+
+
+def test_nnunets_fold_validation_is_read_only_when_it_matches_the_requested_prediction(tmp_path):
+    cv = _cv(tmp_path, evaluation=EvaluationOptions(samplers=("ddim",), seeds=(0,), device="cpu",
+                                                    use_mirroring=True))
+    validation = cv.fold_folder(Unit("S", 0, 0)) / "validation"
+    validation.mkdir(parents=True)
+    summary = {"metric_per_case": [{"reference_file": f"/gt/{c}.nii.gz", "metrics": {"1": {"Dice": d}}}
+                                   for c, d in (("c1", 0.5), ("c2", 0.7))]}
+    (validation / "summary.json").write_text(json.dumps(summary))
+    rows = _read_nnunet_validation(cv, Unit("S", 0, 0), ["c1", "c2"], {"1": "a"}, ".nii.gz", False)
+    assert [(r["case"], r["Dice"], r["Dice a"]) for r in rows] == [("c1", 0.5, 0.5), ("c2", 0.7, 0.7)]
+    assert _read_nnunet_validation(cv, Unit("S", 0, 0), ["c1", "c2"], {}, ".nii.gz", True) is None  # no .npz
+    assert _read_nnunet_validation(cv, Unit("S", 0, 0), ["c1"], {}, ".nii.gz", False) is None  # other cases
+    no_tta = _cv(tmp_path, evaluation=EvaluationOptions(samplers=("ddim",), seeds=(0,), device="cpu",
+                                                        use_mirroring=False))
+    assert _read_nnunet_validation(no_tta, Unit("S", 0, 0), ["c1", "c2"], {}, ".nii.gz", False) is None
