@@ -1,14 +1,17 @@
-"""The recycling claims of Fu et al. by cross-validation on the shared real datasets: dataset recipes (raw layout,
-nnU-Net's planning, the CPU preset) and the `nnunet-diffusion crossval` invocations of each study.
+"""The recycling claims of Fu et al. by cross-validation on the shared real datasets: dataset recipes (raw layout
+or conversion, nnU-Net's planning, the CPU preset, what is compared) and the `nnunet-diffusion crossval`
+invocations of each study.
 
-    python experiments/recycling_crossval.py hippocampus curves --workdir /work/runs/hippocampus
-    python experiments/recycling_crossval.py hippocampus cv --workdir /work/runs/hippocampus --epochs 10
+    python experiments/recycling_crossval.py hippocampus curves --workdir /work/runs/hippo
+    python experiments/recycling_crossval.py hippocampus cv --workdir /work/runs/hippo --epochs 10
+    python experiments/recycling_crossval.py acdc cv --workdir /work/runs/acdc --patch-size 10 64 64
+    python experiments/recycling_crossval.py brats cv --workdir /work/runs/brats
 
 Studies (each one `nnunet-diffusion crossval` command, printed before it runs; resumable):
 - `curves`: fold 0, stock / Diff / Recycle trained for each of --curve-epochs (separate trainings, nnU-Net's
   poly learning rate over each budget), held-out Dice per budget: where each curve levels off.
-- `cv`: every fold, stock / Diff / Recycle / RecycleAllT at --epochs, a second training of stock, Diff and
-  Recycle on folds 0 and 1 (the spread between trainings), the ensembles with stock.
+- `cv`: every fold, stock and the recipe's trainers at the recipe's budget (or --epochs), a second training of
+  the recipe's repeat trainers (the spread between trainings), the ensembles with stock.
 - `seeds`: fold 0 of the `cv` models, 5 sampling seeds: the largest Dice difference across seeds per step.
 
 Everything goes under --workdir: `raw/`, `preprocessed/`, `<study>/` (the crossval outputs and their trainings).
@@ -19,10 +22,11 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_diffusion.plans import plan_and_preprocess_with_preset
+from nnunet_diffusion.plans import PresetOverrides, plan_and_preprocess_with_preset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STOCK, DIFF, RECYCLE, RECYCLE_ALL_T = ("nnUNetTrainer", "nnUNetTrainerDiff", "nnUNetTrainerDiffRecycle",
@@ -31,21 +35,39 @@ STOCK, DIFF, RECYCLE, RECYCLE_ALL_T = ("nnUNetTrainer", "nnUNetTrainerDiff", "nn
 
 @dataclass(frozen=True)
 class Recipe:
-    """A shared dataset as nnU-Net sees it here: id, source folder in nnU-Net's raw layout, preset, configuration."""
+    """A shared dataset as nnU-Net sees it here, and what its cross-validation compares."""
     dataset_id: int
     name: str
-    source: str
+    source: str  # folder of ../shared/data
     preset: str
     configuration: str
-    plans: str
+    trainers: tuple[str, ...]  # compared with the stock baseline on every fold
+    repeat_trainers: tuple[str, ...] = ()  # trained a second time ...
+    repeat_folds: tuple[int, ...] = ()  # ... on these folds (all when empty)
+    num_folds: int = 5
     group_by: str | None = None
+    brats: bool = False  # the source is BraTS 2013 in DeepMedic's layout, converted first
+    plans: str = "nnUNetPlansCPU"
+    epochs: int = 10
+    iterations: int = 250
+    val_iterations: int = 20
+
+    @property
+    def dataset(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.name}"
 
 
 RECIPES = {
-    # 3d_fullres at 1 mm; cpu_tiny's 32³ patch covers most of a ~36 × 50 × 35 crop, 8–64 features.
-    "hippocampus": Recipe(521, "Hippocampus", "msd_hippocampus", "cpu_tiny", "3d_cpu", "nnUNetPlansCPU"),
-    # two frames per patient: folds grouped by patient
-    "acdc": Recipe(522, "ACDC", "acdc", "cpu_tiny", "3d_cpu", "nnUNetPlansCPU", r"patient\d+"),
+    # 3d_fullres at 1 mm; cpu_tiny's 32³ patch covers most of a ~36 × 50 × 35 crop, 8–64 features
+    "hippocampus": Recipe(521, "Hippocampus", "msd_hippocampus", "cpu_tiny", "3d_cpu",
+                          (DIFF, RECYCLE, RECYCLE_ALL_T), (STOCK, DIFF, RECYCLE), (0, 1)),
+    # nnU-Net plans 3d_fullres for the 10 mm slices; two frames per patient, so folds are grouped by patient
+    "acdc": Recipe(522, "ACDC", "acdc", "cpu_tiny", "3d_cpu", (DIFF, RECYCLE, RECYCLE_ALL_T), group_by=r"patient\d+"),
+    # the 4 cases, each held out once: 2d at 2 mm, whole tumour, 5 × 100 iterations of batch 12
+    "brats": Recipe(501, "BraTS2013WT", "brats2013_deepmedic", "cpu_2d", "2d_cpu",
+                    ("nnUNetTrainerNoDeepSupervision", DIFF, RECYCLE, "nnUNetTrainerDiffRecycleDS", RECYCLE_ALL_T,
+                     "nnUNetTrainerDiffRecycleImportance", "nnUNetTrainerDiffDS"), (STOCK, DIFF, RECYCLE),
+                    num_folds=4, brats=True, epochs=5, iterations=100, val_iterations=10),
 }
 
 
@@ -54,41 +76,48 @@ def nnunet_env(workdir: Path) -> dict[str, str]:
             "nnUNet_results": str(workdir / "results"), "nnUNet_def_n_proc": "2"}
 
 
-def prepare(recipe: Recipe, workdir: Path, data: Path) -> None:
-    """nnU-Net's raw dataset (a link to the shared one), planned and preprocessed, with the preset's plans."""
-    raw = workdir / "raw" / f"Dataset{recipe.dataset_id:03d}_{recipe.name}"
+def prepare(recipe: Recipe, workdir: Path, data: Path, patch_size: list[int] | None) -> None:
+    """nnU-Net's raw dataset (a link to the shared one, or BraTS converted), planned and preprocessed, with the
+    preset's plans fitted to it."""
+    env = nnunet_env(workdir)
+
+    def run(command: list[str]) -> None:
+        subprocess.run(command, env=env, check=True)
+    raw = workdir / "raw" / recipe.dataset
     raw.parent.mkdir(parents=True, exist_ok=True)
-    if not raw.exists():
+    if recipe.brats and not (raw / "dataset.json").is_file():
+        run(["nnunet-diffusion", "convert-brats", str(data / recipe.source), "--raw-root", str(raw.parent),
+             "--dataset-id", str(recipe.dataset_id), "--spacing", "2", "--whole-tumour"])
+    elif not raw.exists():
         raw.symlink_to((data / recipe.source).resolve())
-    preprocessed = workdir / "preprocessed" / raw.name
-    if not (preprocessed / f"{recipe.plans}.json").is_file():
-        env = nnunet_env(workdir)
-
-        def run(command: list[str]) -> None:
-            subprocess.run(command, env=env, check=True)
-        plan_and_preprocess_with_preset(recipe.dataset_id, recipe.preset, workdir / "preprocessed", run)
+    if not (workdir / "preprocessed" / recipe.dataset / f"{recipe.plans}.json").is_file():
+        plan_and_preprocess_with_preset(recipe.dataset_id, recipe.preset, workdir / "preprocessed", run,
+                                        overrides=PresetOverrides(patch_size=patch_size and tuple(patch_size)))
 
 
-def crossval(recipe: Recipe, workdir: Path, output: str, trainers: list[str], folds: list[int], epochs: int,
+def crossval(recipe: Recipe, workdir: Path, output: str, trainers: Sequence[str], folds: Sequence[int],
              args: argparse.Namespace, *extra: str) -> list[str]:
+    """One `nnunet-diffusion crossval` command of this recipe (no mirroring at test time, as in the paper)."""
     command = ["nnunet-diffusion", "crossval", "-d", str(recipe.dataset_id), "-c", recipe.configuration, "-p",
-               recipe.plans, "-tr", *trainers, "-f", *map(str, folds), "--epochs", str(epochs), "--iterations",
-               str(args.iterations), "--val-iterations", str(args.val_iterations), "--disable-tta", "-o",
-               str(workdir / output), *extra]
-    if recipe.group_by:
-        command += ["--group-by", recipe.group_by]
-    return command
+               recipe.plans, "-tr", *trainers, "-f", *map(str, folds), "--num-folds", str(recipe.num_folds),
+               "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--val-iterations",
+               str(args.val_iterations), "--disable-tta", "-o", str(workdir / output), *extra]
+    return command + (["--group-by", recipe.group_by] if recipe.group_by else [])
 
 
 def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Namespace) -> list[list[str]]:
+    folds = args.folds or list(range(recipe.num_folds))
     if study == "curves":
-        return [crossval(recipe, workdir, f"curves/epochs_{e}", [DIFF, RECYCLE], [0], e, args)
+        return [crossval(recipe, workdir, f"curves/epochs_{e}", [DIFF, RECYCLE], [0],
+                         argparse.Namespace(**{**vars(args), "epochs": e}))
                 for e in args.curve_epochs]
     cv_output = f"cv/epochs_{args.epochs}"
     if study == "cv":
-        return [crossval(recipe, workdir, cv_output, [DIFF, RECYCLE, RECYCLE_ALL_T], args.folds, args.epochs, args,
-                         "--repeats", "2", "--repeat-trainers", STOCK, DIFF, RECYCLE, "--repeat-folds", "0", "1")]
-    return [crossval(recipe, workdir, f"seeds/epochs_{args.epochs}", [DIFF, RECYCLE], [0], args.epochs, args,
+        repeats = ["--repeats", "2", "--repeat-trainers", *recipe.repeat_trainers] if recipe.repeat_trainers else []
+        if recipe.repeat_folds:
+            repeats += ["--repeat-folds", *map(str, recipe.repeat_folds)]
+        return [crossval(recipe, workdir, cv_output, recipe.trainers, folds, args, *repeats)]
+    return [crossval(recipe, workdir, f"seeds/epochs_{args.epochs}", [DIFF, RECYCLE], [0], args,
                      "--seeds", "0", "1", "2", "3", "4", "--results-root", str(workdir / cv_output / "results"))]
 
 
@@ -98,14 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", choices=("curves", "cv", "seeds"))
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
-    parser.add_argument("--epochs", type=int, default=10, help="budget of the cv and seeds studies")
+    parser.add_argument("--epochs", type=int, help="budget of the cv and seeds studies (default: the recipe's)")
     parser.add_argument("--curve-epochs", type=int, nargs="+", default=[5, 10, 20])
-    parser.add_argument("--iterations", type=int, default=250)
-    parser.add_argument("--val-iterations", type=int, default=20)
-    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--iterations", type=int, help="iterations per epoch (default: the recipe's)")
+    parser.add_argument("--val-iterations", type=int, help="validation batches per epoch (default: the recipe's)")
+    parser.add_argument("--folds", type=int, nargs="+", help="folds of the cv study (default: all)")
+    parser.add_argument("--patch-size", type=int, nargs="+", help="the preset's patch, fitted by `nnunet-diffusion "
+                        "plans --patch-size` (only when the dataset is planned)")
     args = parser.parse_args(argv)
     recipe, workdir = RECIPES[args.dataset], args.workdir.resolve()
-    prepare(recipe, workdir, args.data)
+    for name in ("epochs", "iterations", "val_iterations"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(recipe, name))
+    prepare(recipe, workdir, args.data, args.patch_size)
     for command in study_commands(recipe, args.study, workdir, args):
         print("$ " + " ".join(command), flush=True)
         if subprocess.run(command, env=nnunet_env(workdir)).returncode:

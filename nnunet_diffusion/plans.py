@@ -232,10 +232,11 @@ def write_preset_plans(preprocessed_dataset_folder: str | Path, preset_name: str
 
 
 def plan_and_preprocess_with_preset(dataset_id: int, preset_name: str, preprocessed_root: str | Path,
-                                    run: Callable[[list[str]], object], processes: int = 2) -> Path:
+                                    run: Callable[[list[str]], object], processes: int = 2,
+                                    overrides: PresetOverrides = PresetOverrides()) -> Path:
     """nnU-Net plans and preprocesses a raw dataset for the configuration the preset inherits from (checking the
-    dataset first), then the preset's plans are written beside nnU-Net's; returns their file. `run` executes the
-    command as the caller logs it (and must raise when it fails)."""
+    dataset first), then the preset's plans (with `overrides`) are written beside nnU-Net's; returns their file.
+    `run` executes the command as the caller logs it (and must raise when it fails)."""
     configuration = load_preset(preset_name)["inherits_from"]
     run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", str(processes),
          "-npfp", str(processes), "--verify_dataset_integrity"])
@@ -243,7 +244,7 @@ def plan_and_preprocess_with_preset(dataset_id: int, preset_name: str, preproces
     if len(folders) != 1:
         raise FileNotFoundError(f"expected one preprocessed folder Dataset{dataset_id:03d}_* in {preprocessed_root} "
                                 f"after nnUNetv2_plan_and_preprocess, found {len(folders)}")
-    return write_preset_plans(folders[0], preset_name)
+    return write_preset_plans(folders[0], preset_name, overrides=overrides)
 
 
 def main(argv: list[str]) -> int:

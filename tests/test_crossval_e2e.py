@@ -1,0 +1,66 @@
+"""`nnunet-diffusion crossval` end to end on a generated dataset: 2 folds, the stock and the recycling trainer,
+one repeat: nnU-Net's split, training in fresh processes, held-out prediction per step, ensembles, statistics,
+and a rerun that trains and predicts nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nnunet_diffusion.cli import main as cli_main
+from nnunet_runs import make_dataset
+
+ARGUMENTS = ["-c", "3d_cpu", "-p", "nnUNetPlansCPU", "-tr", "nnUNetTrainerDiffRecycle", "-f", "0", "1",
+             "--num-folds", "2", "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--samplers", "ddim",
+             "--steps", "2", "--disable-tta"]
+
+
+@pytest.fixture(scope="module")
+def crossval_dataset(nnunet_workspace):
+    return make_dataset(993, "CrossVal", num_train=6, num_test=1)
+
+
+def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dataset, tmp_path, capsys):
+    output = tmp_path / "cv"
+    assert cli_main(["crossval", "-d", str(crossval_dataset.dataset_id), *ARGUMENTS, "-o", str(output)]) == 0
+    result = json.loads((output / "results.json").read_text())
+    splits = result["splits"]
+    assert len(splits) == 2 and sorted(c for s in splits for c in s["val"]) == sorted(
+        f"crossval_tr_{i:03d}" for i in range(6))
+    assert [(u["trainer"], u["fold"]) for u in result["units"]] == [
+        ("nnUNetTrainer", 0), ("nnUNetTrainer", 1), ("nnUNetTrainerDiffRecycle", 0), ("nnUNetTrainerDiffRecycle", 1)]
+    assert all(u["training"]["budget"] == {"epochs": 1, "iterations": 2, "val_iterations": 1} for u in result["units"])
+    assert all(len(u["pseudo_dice"]) == 1 for u in result["units"])
+    rows = {r["model"]: r for r in result["table"]}
+    assert set(rows) == {"nnUNetTrainer", "nnUNetTrainerDiffRecycle", "nnUNetTrainerDiffRecycle + nnUNetTrainer"}
+    assert all(r["cases"] == 6 and 0 <= r["Dice"] <= 1 for r in rows.values())
+    assert [r["step"] for r in result["per_step"]] == [1, 2]
+    pairs = [(d["a"], d["b"], d["cases"]) for d in result["differences"]]
+    assert pairs == [("nnUNetTrainerDiffRecycle", "nnUNetTrainer", 6),
+                     ("nnUNetTrainerDiffRecycle + nnUNetTrainer", "nnUNetTrainer", 6),
+                     ("nnUNetTrainerDiffRecycle + nnUNetTrainer", "nnUNetTrainerDiffRecycle", 6)]
+    assert all(0 <= d["p_signed_rank"] <= 1 and d["interval_low"] <= d["mean"] <= d["interval_high"]
+               for d in result["differences"])
+    markdown = (output / "results.md").read_text()
+    assert "Wilcoxon" in markdown and "nnUNetTrainerDiffRecycle + nnUNetTrainer" in markdown
+    for png in ("pseudo_dice.png", "dice_vs_step_ddim.png", "loss_per_timestep.png"):
+        assert (output / png).stat().st_size > 0
+    capsys.readouterr()
+
+    assert cli_main(["crossval", "-d", str(crossval_dataset.dataset_id), *ARGUMENTS, "-o", str(output)]) == 0
+    rerun = capsys.readouterr().out
+    assert "train " not in rerun and "predict " not in rerun  # every step came from its file
+    assert json.loads((output / "results.json").read_text())["table"] == result["table"]
+
+
+def test_crossval_refuses_a_fold_trained_with_another_budget(crossval_dataset, tmp_path):
+    output = tmp_path / "cv"
+    arguments = ["crossval", "-d", str(crossval_dataset.dataset_id), "-c", "3d_cpu", "-p", "nnUNetPlansCPU", "-tr",
+                 "nnUNetTrainer", "-f", "0", "--iterations", "2", "--val-iterations", "1", "--disable-tta", "-o",
+                 str(output)]
+    assert cli_main([*arguments, "--epochs", "1"]) == 0
+    with pytest.raises(SystemExit, match="nnunet-diffusion crossval: .* was trained with budget"):
+        cli_main([*arguments, "--epochs", "2"])
+    with pytest.raises(SystemExit, match="finds no trainer class 'nnUNetTrainerNope'"):
+        cli_main(["crossval", "-d", str(crossval_dataset.dataset_id), "-c", "3d_cpu", "-tr", "nnUNetTrainerNope",
+                  "-o", str(output)])
