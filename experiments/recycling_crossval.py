@@ -19,6 +19,7 @@ Everything goes under --workdir: `raw/`, `preprocessed/`, `<study>/` (the crossv
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_diffusion.plans import PresetOverrides, plan_and_preprocess_with_preset
+from nnunet_diffusion.utils import markdown_table
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STOCK, DIFF, RECYCLE, RECYCLE_ALL_T = ("nnUNetTrainer", "nnUNetTrainerDiff", "nnUNetTrainerDiffRecycle",
@@ -121,6 +123,17 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
                      "--seeds", "0", "1", "2", "3", "4", "--results-root", str(workdir / cv_output / "results"))]
 
 
+def curves_table(workdir: Path, epochs: Sequence[int]) -> str:
+    """Held-out Dice of every model at each budget of the `curves` study, from the crossval outputs' tables."""
+    tables = {e: json.loads((workdir / "curves" / f"epochs_{e}" / "results.json").read_text())["table"]
+              for e in epochs if (workdir / "curves" / f"epochs_{e}" / "results.json").is_file()}
+    rows = list(dict.fromkeys((r["model"], r["sampler"]) for table in tables.values() for r in table))
+    cells = {(e, r["model"], r["sampler"]): f"{r['Dice']:.3f} ± {r['Dice_sd']:.3f}" for e, table in tables.items()
+             for r in table}
+    return markdown_table(["model", "sampler", *(f"{e} epochs" for e in tables)],
+                          [[m, s, *(cells.get((e, m, s), "") for e in tables)] for m, s in rows]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(RECIPES))
@@ -144,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print("$ " + " ".join(command), flush=True)
         if subprocess.run(command, env=nnunet_env(workdir)).returncode:
             return 1
+    if args.study == "curves":
+        (workdir / "curves" / "results.md").write_text(curves_table(workdir, args.curve_epochs))
+        print(f"wrote {workdir / 'curves' / 'results.md'}")
     return 0
 
 

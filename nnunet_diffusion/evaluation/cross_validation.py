@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_diffusion.evaluation.ablation import ensemble_folders
+from nnunet_diffusion.evaluation.ablation import ENSEMBLE_TRAINER, ensemble_folders
 from nnunet_diffusion.evaluation.metrics import evaluate_folder
-from nnunet_diffusion.evaluation.model_evaluation import NO_SAMPLER, EvaluationOptions, evaluate_models
+from nnunet_diffusion.evaluation.model_evaluation import NO_SAMPLER, CaseScore, EvaluationOptions, evaluate_models
 from nnunet_diffusion.evaluation.splits import load_or_write_splits
 from nnunet_diffusion.evaluation.statistics import paired_difference
 from nnunet_diffusion.utils import TrainingBudget, model_folder, nanmean
@@ -183,17 +183,10 @@ def _read_nnunet_validation(cv: CrossValidation, unit: Unit, cases: Sequence[str
     if sorted(by_case) != sorted(cases) or (needs_probabilities and not all(
             (validation / f"{c}.npz").is_file() for c in cases)):
         return None
-    rows = []
-    for case in cases:
-        metrics = {k: v for k, v in by_case[case].items() if k != "0"}
-        row = {"model": unit.trainer, "trainer": unit.trainer, "sampler": NO_SAMPLER, "seed": "", "step": 1,
-               "steps": 1, "case": case, "Dice": nanmean([m["Dice"] for m in metrics.values()]),
-               "HD95": float("nan")}
-        for key, values in metrics.items():
-            row[f"Dice {names.get(key, key)}"] = values["Dice"]
-            row[f"HD95 {names.get(key, key)}"] = float("nan")
-        rows.append(row)
-    return rows
+    # nnU-Net's summary has no HD95
+    return [CaseScore(unit.trainer, unit.trainer, NO_SAMPLER, None, 1, 1, case,
+                      {k: {"Dice": v["Dice"], "HD95": float("nan")} for k, v in by_case[case].items() if k != "0"},
+                      names).as_row() for case in cases]
 
 
 def _training_curves(fold_folder: Path) -> dict:
@@ -263,16 +256,9 @@ def ensemble_unit(cv: CrossValidation, diffusion: dict, baseline: dict, labels: 
     for run, folder in diffusion["predictions"].items():
         sampler, seed = run.split("/seed_")
         merged = ensemble_folders(Path(baseline["predictions"][NO_SAMPLER]), Path(folder), cases, output / run)
-        for score in evaluate_folder(merged, labels, targets, file_ending)["metric_per_case"]:
-            metrics = score["metrics"]
-            row = {"model": label, "trainer": "ensemble", "sampler": sampler, "seed": int(seed), "step": 1, "steps": 1,
-                   "case": Path(score["prediction_file"]).name[:-len(file_ending)],
-                   "Dice": nanmean([m["Dice"] for m in metrics.values()]),
-                   "HD95": nanmean([m["HD95"] for m in metrics.values()])}
-            for k, values in metrics.items():
-                row[f"Dice {names.get(k, k)}"] = values["Dice"]
-                row[f"HD95 {names.get(k, k)}"] = values["HD95"]
-            rows.append(row)
+        rows += [CaseScore(label, ENSEMBLE_TRAINER, sampler, int(seed), 1, 1,
+                           Path(score["prediction_file"]).name[:-len(file_ending)], score["metrics"], names).as_row()
+                 for score in evaluate_folder(merged, labels, targets, file_ending)["metric_per_case"]]
     _write_atomically(cached, {"key": key, "per_case": rows})
     return rows
 
