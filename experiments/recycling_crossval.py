@@ -12,7 +12,8 @@ Studies (each one `nnunet-diffusion crossval` command, printed before it runs; r
   poly learning rate over each budget), held-out Dice per budget: where each curve levels off.
 - `cv`: every fold, stock and the recipe's trainers at the recipe's budget (or --epochs), a second training of
   the recipe's repeat trainers (the spread between trainings), the ensembles with stock.
-- `seeds`: fold 0 of the `cv` models, 5 sampling seeds: the largest Dice difference across seeds per step.
+- `seeds`: fold 0 of the `cv` (or, with --seed-models curves, the `curves`) models at --epochs, 5 sampling seeds:
+  the largest Dice difference across seeds per step.
 
 Everything goes under --workdir: `raw/`, `preprocessed/`, `<study>/` (the crossval outputs and their trainings).
 """
@@ -119,8 +120,9 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
         if recipe.repeat_folds:
             repeats += ["--repeat-folds", *map(str, recipe.repeat_folds)]
         return [crossval(recipe, workdir, cv_output, recipe.trainers, folds, args, *repeats)]
-    return [crossval(recipe, workdir, f"seeds/epochs_{args.epochs}", [DIFF, RECYCLE], [0], args,
-                     "--seeds", "0", "1", "2", "3", "4", "--results-root", str(workdir / cv_output / "results"))]
+    models = cv_output if args.seed_models == "cv" else f"curves/epochs_{args.epochs}"
+    return [crossval(recipe, workdir, f"seeds/{models.replace('/', '_')}", [DIFF, RECYCLE], [0], args,
+                     "--seeds", "0", "1", "2", "3", "4", "--results-root", str(workdir / models / "results"))]
 
 
 def curves_table(workdir: Path, epochs: Sequence[int]) -> str:
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, help="iterations per epoch (default: the recipe's)")
     parser.add_argument("--val-iterations", type=int, help="validation batches per epoch (default: the recipe's)")
     parser.add_argument("--folds", type=int, nargs="+", help="folds of the cv study (default: all)")
+    parser.add_argument("--seed-models", choices=("cv", "curves"), default="cv", help="the seeds study's models: "
+                        "fold 0 of the cv study, or of the curves study, at --epochs")
     parser.add_argument("--patch-size", type=int, nargs="+", help="the preset's patch, fitted by `nnunet-diffusion "
                         "plans --patch-size` (only when the dataset is planned)")
     args = parser.parse_args(argv)

@@ -1,14 +1,18 @@
 """`nnunet-diffusion crossval` end to end on a generated dataset: 2 folds, the stock and the recycling trainer,
 one repeat: nnU-Net's split, training in fresh processes, held-out prediction per step, ensembles, statistics,
-and a rerun that trains and predicts nothing."""
+and a rerun that trains and predicts nothing; a fold trained by hand with nnUNetv2_train, read from nnU-Net's own
+validation."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunet_diffusion.cli import main as cli_main
-from nnunet_runs import make_dataset
+from nnunet_runs import make_dataset, run
 
 ARGUMENTS = ["-c", "3d_cpu", "-p", "nnUNetPlansCPU", "-tr", "nnUNetTrainerDiffRecycle", "-f", "0", "1",
              "--num-folds", "2", "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--samplers", "ddim",
@@ -64,3 +68,22 @@ def test_crossval_refuses_a_fold_trained_with_another_budget(crossval_dataset, t
     with pytest.raises(SystemExit, match="finds no trainer class 'nnUNetTrainerNope'"):
         cli_main(["crossval", "-d", str(crossval_dataset.dataset_id), "-c", "3d_cpu", "-tr", "nnUNetTrainerNope",
                   "-o", str(output)])
+
+
+def test_a_fold_trained_by_hand_with_nnunetv2_train_is_read_from_nnunets_own_validation(crossval_dataset, tmp_path,
+                                                                                          capsys):
+    trainer = "nnUNetTrainer_1epoch"
+    run(["nnUNetv2_train", str(crossval_dataset.dataset_id), "3d_cpu", "0", "-p", "nnUNetPlansCPU", "-tr", trainer,
+         "-device", "cpu", "--npz"])
+    output = tmp_path / "cv"
+    assert cli_main(["crossval", "-d", str(crossval_dataset.dataset_id), "-c", "3d_cpu", "-p", "nnUNetPlansCPU",
+                     "-tr", trainer, "--baseline", trainer, "-f", "0", "--results-root", os.environ["nnUNet_results"],
+                     "-o", str(output)]) == 0
+    assert "train " not in capsys.readouterr().out
+    (unit,) = json.loads((output / "results.json").read_text())["units"]
+    assert unit["source"] == "nnU-Net's fold validation" and unit["training"]["budget"] is None
+    validation = json.loads((Path(unit["predictions"]["-"]) / "summary.json").read_text())
+    per_case = [r for r in json.loads((output / "units" / trainer / "repeat_0" / "fold_0" / "unit.json").read_text()
+                                      )["per_case"]]
+    assert len(per_case) == len(validation["metric_per_case"])
+    assert np.mean([r["Dice"] for r in per_case]) == pytest.approx(validation["foreground_mean"]["Dice"])
