@@ -463,13 +463,17 @@ def _table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
 
 
 def plot_cross_validation(summary: dict, output: Path) -> list[Path]:
-    """pseudo_dice.png (per epoch), dice_vs_step_<sampler>.png, loss_per_timestep.png."""
+    """pseudo_dice.png (per epoch), dice_vs_step_<sampler>.png (non-diffusion models drawn flat, as reference),
+    loss_per_timestep.png."""
     from nnunet_diffusion.evaluation.report import plot_metric_vs_step
     written = [plot_metric_vs_step({c["trainer"]: c["pseudo_dice"] for c in summary["curves"]}, "pseudo-Dice",
                                    output / "pseudo_dice.png", xlabel="epoch")]
     for (sampler,), rows in _groups(summary["per_step"], "sampler").items():
         curves = {m: [r["Dice"] for r in sorted(g, key=lambda r: r["step"])]
                   for (m,), g in _groups(rows, "model").items()}
+        steps = max(len(c) for c in curves.values())
+        curves.update({f"{r['model']} (no diffusion)": [r["Dice"]] * steps for r in summary["table"]
+                       if r["sampler"] == NO_SAMPLER})
         written.append(plot_metric_vs_step(curves, f"held-out Dice ({sampler})", output / f"dice_vs_step_{sampler}.png"))
     per_t = {c["trainer"]: c["loss_per_timestep"] for c in summary["curves"] if "loss_per_timestep" in c}
     if per_t:
