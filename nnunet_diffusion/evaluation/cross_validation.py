@@ -24,7 +24,7 @@ from nnunet_diffusion.evaluation.metrics import evaluate_folder
 from nnunet_diffusion.evaluation.model_evaluation import NO_SAMPLER, CaseScore, EvaluationOptions, evaluate_models
 from nnunet_diffusion.evaluation.splits import load_or_write_splits
 from nnunet_diffusion.evaluation.statistics import paired_difference
-from nnunet_diffusion.utils import TrainingBudget, model_folder, nanmean
+from nnunet_diffusion.utils import TrainingBudget, markdown_table, model_folder, nanmean
 
 TRAINING_RECORD = "crossval_training.json"
 UNIT_RECORD = "unit.json"
@@ -405,7 +405,7 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
              "between repeated trainings, averaged over the folds trained more than once. Diffusion models at "
              "their last step; `+` rows average the probabilities of the two models (nnU-Net's ensembling).", ""]
     class_columns = [c for c in dict.fromkeys(k for r in summary["table"] for k in r) if c.startswith("Dice ")]
-    lines.append(_table(["model", "sampler", "trainings", "cases", "Dice", *class_columns, "HD95", "run sd"],
+    lines.append(markdown_table(["model", "sampler", "trainings", "cases", "Dice", *class_columns, "HD95", "run sd"],
                         [[r["model"], r["sampler"], r["trainings"], r["cases"],
                           f"{_fmt(r['Dice'])} ± {_fmt(r['Dice_sd'])}", *(_fmt(r.get(c)) for c in class_columns),
                           _fmt(r["HD95"], 2), _fmt(r["run_sd"])] for r in summary["table"]]))
@@ -413,7 +413,7 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
               "A − B per held-out case (final predictions), mean, 95 % bootstrap interval over cases, Wilcoxon "
               "signed-rank p (two-sided) and the cases where A scored higher; *within noise* when the interval "
               "contains 0.", ""]
-    lines.append(_table(["A − B", "sampler", "cases", "mean", "95 % interval", "p", "A higher", "reading"],
+    lines.append(markdown_table(["A − B", "sampler", "cases", "mean", "95 % interval", "p", "A higher", "reading"],
                         [[f"{d['a']} − {d['b']}", d["sampler"], d["cases"], _fmt(d["mean"], signed=True),
                           f"[{_fmt(d['interval_low'], signed=True)}, {_fmt(d['interval_high'], signed=True)}]",
                           f"{d['p_signed_rank']:.2g}", f"{d['a_better']}/{d['cases']}",
@@ -423,7 +423,7 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
         steps = max(r["step"] for r in summary["per_step"])
         runs = _groups(summary["per_step"], "model", "sampler")
         lines += ["", "## Dice per sampling step", "",
-                  _table(["model", "sampler", *range(1, steps + 1)],
+                  markdown_table(["model", "sampler", *range(1, steps + 1)],
                          [[m, s, *(_fmt(r["Dice"]) for r in sorted(g, key=lambda r: r["step"]))]
                           for (m, s), g in runs.items()])]
     if summary["seed_spread"]:
@@ -431,7 +431,7 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
         runs = _groups(summary["seed_spread"], "model", "sampler")
         lines += ["", "## Largest Dice difference across sampling seeds per step", "",
                   "Per case, max − min Dice over the seeds; mean over cases (largest case in brackets).", "",
-                  _table(["model", "sampler", "seeds", *range(1, steps + 1)],
+                  markdown_table(["model", "sampler", "seeds", *range(1, steps + 1)],
                          [[m, s, g[0]["seeds"], *(f"{r['max_delta_dice']:.4f} ({r['max_delta_dice_largest']:.3f})"
                                                   for r in sorted(g, key=lambda r: r["step"]))]
                           for (m, s), g in runs.items()])]
@@ -439,27 +439,22 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
     shown = sorted({0, epochs - 1, *range(0, epochs, max(1, epochs // 10))})
     lines += ["", "## Training", "", "Validation pseudo-Dice (nnU-Net's online estimate) per epoch, mean over "
               "trainings (`pseudo_dice.png`):", "",
-              _table(["trainer", *(e + 1 for e in shown)],
+              markdown_table(["trainer", *(e + 1 for e in shown)],
                      [[c["trainer"], *(_fmt(c["pseudo_dice"][e]) if e < len(c["pseudo_dice"]) else "" for e in shown)]
                       for c in summary["curves"]])]
     per_t = [c for c in summary["curves"] if "loss_per_timestep" in c]
     if per_t:
         steps = max(len(c["loss_per_timestep"]) for c in per_t)
         lines += ["", "Training x0 cross-entropy per timestep t in the last epoch (t = 0 least noise):", "",
-                  _table(["trainer", *(f"t={t}" for t in range(steps))],
+                  markdown_table(["trainer", *(f"t={t}" for t in range(steps))],
                          [[c["trainer"], *(_fmt(v) for v in c["loss_per_timestep"])] for c in per_t])]
     lines += ["", "Wall clock (median per training run): the training process as `nnUNetv2_train` runs it "
               "(without its final validation), one epoch, and the prediction of one held-out case per sampler "
               "run (every step exported and scored):", "",
-              _table(["trainer", "trainings", "training (s)", "epoch (s)", "predict per case (s)"],
+              markdown_table(["trainer", "trainings", "training (s)", "epoch (s)", "predict per case (s)"],
                      [[t["trainer"], t["trainings"], _fmt(t["training_seconds"], 0), _fmt(t["epoch_seconds"], 1),
                        _fmt(t["predict_seconds_per_case"], 1)] for t in summary["timing"]])]
     return "\n".join(lines) + "\n"
-
-
-def _table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
-    from nnunet_diffusion.utils import markdown_table
-    return markdown_table(header, rows)
 
 
 def plot_cross_validation(summary: dict, output: Path) -> list[Path]:
