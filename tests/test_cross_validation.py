@@ -95,10 +95,12 @@ def _cv(tmp_path, **changes) -> CrossValidation:
     return CrossValidation(**{**settings, **changes})
 
 
-def test_units_train_the_baseline_first_and_repeats_only_where_asked(tmp_path):
+def test_units_go_fold_by_fold_baseline_first_and_repeat_only_where_asked(tmp_path):
     cv = _cv(tmp_path, repeats=2, repeat_trainers=("S", "R"), repeat_folds=(1,))
-    assert cv.units() == [Unit("S", 0, 0), Unit("S", 0, 1), Unit("D", 0, 0), Unit("D", 0, 1), Unit("R", 0, 0),
+    assert cv.units() == [Unit("S", 0, 0), Unit("D", 0, 0), Unit("R", 0, 0), Unit("S", 0, 1), Unit("D", 0, 1),
                           Unit("R", 0, 1), Unit("S", 1, 1), Unit("R", 1, 1)]
+    assert cv.baseline_of(Unit("R", 1, 1)) == Unit("S", 1, 1)
+    assert _cv(tmp_path, repeats=2, repeat_trainers=("R",)).baseline_of(Unit("R", 1, 0)) == Unit("S", 0, 0)
     assert cv.fold_folder(Unit("R", 1, 1)) == tmp_path / "results" / "crossval_repeat_1" / "Dataset001_X" / \
         "R__P__3d_cpu" / "fold_1"
     assert len({u.seed for u in cv.units()}) == len({(u.repeat, u.fold) for u in cv.units()})

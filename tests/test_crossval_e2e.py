@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dat
     assert len(splits) == 2 and sorted(c for s in splits for c in s["val"]) == sorted(
         f"crossval_tr_{i:03d}" for i in range(6))
     assert [(u["trainer"], u["fold"]) for u in result["units"]] == [
-        ("nnUNetTrainer", 0), ("nnUNetTrainer", 1), ("nnUNetTrainerDiffRecycle", 0), ("nnUNetTrainerDiffRecycle", 1)]
+        ("nnUNetTrainer", 0), ("nnUNetTrainerDiffRecycle", 0), ("nnUNetTrainer", 1), ("nnUNetTrainerDiffRecycle", 1)]
     assert all(u["training"]["budget"] == {"epochs": 1, "iterations": 2, "val_iterations": 1} for u in result["units"])
     assert all(len(u["pseudo_dice"]) == 1 for u in result["units"])
     rows = {r["model"]: r for r in result["table"]}
@@ -55,6 +56,22 @@ def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dat
     rerun = capsys.readouterr().out
     assert "train " not in rerun and "predict " not in rerun  # every step came from its file
     assert json.loads((output / "results.json").read_text())["table"] == result["table"]
+
+    # resumed elsewhere from the kept output alone (scores, no trainings, no predictions): the finished folds
+    # stand; fold 1 without its ensemble is trained again, as a whole
+    shutil.rmtree(output / "results")
+    for predictions in list(output.glob("units/*/*/*/predictions")):
+        shutil.rmtree(predictions)
+    (output / "units" / "nnUNetTrainerDiffRecycle" / "repeat_0" / "fold_1" / "ensemble" / "ensemble.json").unlink()
+    assert cli_main(["crossval", "-d", str(crossval_dataset.dataset_id), *ARGUMENTS, "-o", str(output)]) == 0
+    resumed = capsys.readouterr().out
+    assert "train nnUNetTrainer repeat 0 fold 0" not in resumed and "predict nnUNetTrainerDiffRecycle repeat 0 fold 0" \
+        not in resumed
+    assert "train nnUNetTrainer repeat 0 fold 1" in resumed and "train nnUNetTrainerDiffRecycle repeat 0 fold 1" in resumed
+    units = json.loads((output / "results.json").read_text())["units"]
+    assert [u["training"] for u in units[:2]] == [u["training"] for u in result["units"][:2]]
+    assert all((output / "results" / "Dataset993_CrossVal" / f"{t}__nnUNetPlansCPU__3d_cpu" / "fold_1" /
+                "checkpoint_final.pth").is_file() for t in ("nnUNetTrainer", "nnUNetTrainerDiffRecycle"))
 
 
 def test_crossval_refuses_a_fold_trained_with_another_budget(crossval_dataset, tmp_path):

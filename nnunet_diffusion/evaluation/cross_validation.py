@@ -86,12 +86,18 @@ class CrossValidation:
         return list(dict.fromkeys([self.baseline, *self.trainers]))
 
     def units(self) -> list[Unit]:
-        """Repeat 0 of every trainer and fold, then the further repeats, in the order they are trained."""
-        units = [Unit(t, 0, f) for t in self.all_trainers for f in self.folds]
+        """In the order they are trained: fold by fold, every trainer of repeat 0, then fold by fold the further
+        repeats; so an interrupted run leaves whole folds (each with its ensembles) behind."""
+        units = [Unit(t, 0, f) for f in self.folds for t in self.all_trainers]
         for repeat in range(1, self.repeats):
-            units += [Unit(t, repeat, f) for t in (self.repeat_trainers or self.all_trainers)
-                      for f in (self.repeat_folds or self.folds)]
+            units += [Unit(t, repeat, f) for f in (self.repeat_folds or self.folds)
+                      for t in (self.repeat_trainers or self.all_trainers)]
         return units
+
+    def baseline_of(self, unit: Unit) -> Unit:
+        """The baseline training a diffusion unit is ensembled with: its own repeat's, else repeat 0's."""
+        own = Unit(self.baseline, unit.repeat, unit.fold)
+        return own if own in self.units() else Unit(self.baseline, 0, unit.fold)
 
     def results_of(self, repeat: int) -> Path:
         return self.results_root if repeat == 0 else self.results_root / f"crossval_repeat_{repeat}"
@@ -204,19 +210,63 @@ def _training_curves(fold_folder: Path) -> dict:
     return curves
 
 
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _read_record(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _unit_options(cv: CrossValidation, unit: Unit) -> EvaluationOptions:
+    return replace(cv.evaluation, folds=(unit.fold,), save_probabilities=True)
+
+
+def _ensemble_file(cv: CrossValidation, diffusion: dict) -> Path:
+    return cv.unit_output(Unit(diffusion["trainer"], diffusion["repeat"], diffusion["fold"])) / "ensemble" / \
+        "ensemble.json"
+
+
+def _ensemble_key(diffusion: dict, baseline: dict) -> dict:
+    return {"diffusion": diffusion["key"], "baseline": baseline["key"], "baseline_repeat": baseline["repeat"]}
+
+
+def archived_unit(cv: CrossValidation, unit: Unit, cases: Sequence[str]) -> tuple[dict, list[dict]] | None:
+    """The record and ensemble rows of a unit scored by an earlier run whose training folder is gone (a run
+    resumed on another machine from its kept output, without the trainings): taken only when every unit of its
+    repeat and fold, and the baseline they are ensembled with, was scored with the current options, budget and
+    held-out cases, and every ensemble of that fold from exactly those records; otherwise None (train again)."""
+    if (cv.fold_folder(unit) / "checkpoint_final.pth").is_file():
+        return None
+    group = [u for u in cv.units() if (u.repeat, u.fold) == (unit.repeat, unit.fold)]
+    records = {}
+    for member in dict.fromkeys([*group, cv.baseline_of(unit)]):
+        record = _read_record(cv.unit_output(member) / UNIT_RECORD)
+        if record is None or record["key"]["options"] != _as_json(asdict(_unit_options(cv, member))) or \
+                record["key"]["cases"] != sorted(cases) or record["training"]["budget"] != _budget_record(cv.budget):
+            return None
+        records[member] = record
+    ensembles = {}
+    for member in (u for u in group if u.trainer in cv.diffusion_trainers):
+        ensemble = _read_record(_ensemble_file(cv, records[member]))
+        if ensemble is None or ensemble["key"] != _ensemble_key(records[member], records[cv.baseline_of(member)]):
+            return None
+        ensembles[member] = ensemble["per_case"]
+    return records[unit], ensembles.get(unit, [])
+
+
 def evaluate_unit(cv: CrossValidation, unit: Unit, training: dict, images: Path, labels: Path,
                   cases: Sequence[str], names: dict[str, str], file_ending: str) -> dict:
     """Per-case scores of one unit on its fold's held-out cases (every step, sampler and seed of a diffusion
     model), cached in `units/<trainer>/repeat_<r>/fold_<f>/unit.json` together with what produced them, so a
     rerun with other options or a retrained fold scores again."""
     output = cv.unit_output(unit)
-    options = replace(cv.evaluation, folds=(unit.fold,), save_probabilities=True)
+    options = _unit_options(cv, unit)
     key = {"options": asdict(options), "training": training, "cases": sorted(cases)}
     cached = output / UNIT_RECORD
-    if cached.is_file():
-        record = json.loads(cached.read_text())
-        if record["key"] == json.loads(json.dumps(key, default=str)):
-            return record
+    record = _read_record(cached)
+    if record is not None and record["key"] == _as_json(key):
+        return record
     needs_probabilities = bool(cv.diffusion_trainers) and unit.trainer == cv.baseline
     start = time.perf_counter()
     rows = _read_nnunet_validation(cv, unit, cases, names, file_ending, needs_probabilities)
@@ -245,13 +295,17 @@ def ensemble_unit(cv: CrossValidation, diffusion: dict, baseline: dict, labels: 
     """Final-step probabilities of a diffusion unit averaged with its fold's baseline (nnU-Net's `merge_files`),
     per sampler and seed, scored on the held-out cases; cached beside the unit."""
     label = f"{diffusion['trainer']} + {cv.baseline}"
-    output = cv.unit_output(Unit(diffusion["trainer"], diffusion["repeat"], diffusion["fold"])) / "ensemble"
-    cached = output / "ensemble.json"
-    key = {"diffusion": diffusion["key"], "baseline": baseline["key"], "baseline_repeat": baseline["repeat"]}
-    if cached.is_file():
-        record = json.loads(cached.read_text())
-        if record["key"] == key:
-            return record["per_case"]
+    cached = _ensemble_file(cv, diffusion)
+    output = cached.parent
+    key = _ensemble_key(diffusion, baseline)
+    record = _read_record(cached)
+    if record is not None and record["key"] == key:
+        return record["per_case"]
+    if not Path(baseline["predictions"][NO_SAMPLER]).exists():
+        raise CrossValidationError(
+            f"the held-out predictions of {cv.baseline} repeat {baseline['repeat']} fold {baseline['fold']} are gone "
+            f"(its scores came from an earlier run's output), so {diffusion['trainer']} cannot be ensembled with it; "
+            f"remove {cv.unit_output(Unit(cv.baseline, baseline['repeat'], baseline['fold']))} to train it again")
     rows = []
     for run, folder in diffusion["predictions"].items():
         sampler, seed = run.split("/seed_")
@@ -519,14 +573,18 @@ def run_cross_validation(cv: CrossValidation, raw_dataset: Path, preprocessed_da
         held_out = splits[unit.fold]["val"]
         images, labels = link_fold_cases(cv, raw_dataset, preprocessed_dataset / "gt_segmentations", unit.fold,
                                          held_out, file_ending)
-        training = train_unit(cv, unit, env)
-        record = evaluate_unit(cv, unit, training, images, labels, held_out, names, file_ending)
+        archived = archived_unit(cv, unit, held_out)
+        if archived is not None:
+            record, rows = archived
+        else:
+            training = train_unit(cv, unit, env)
+            record = evaluate_unit(cv, unit, training, images, labels, held_out, names, file_ending)
+            baseline = cv.baseline_of(unit)
+            rows = ensemble_unit(cv, record, next(u for u in units if (u["trainer"], u["repeat"], u["fold"]) == (
+                baseline.trainer, baseline.repeat, baseline.fold)), labels, held_out, targets, names,
+                file_ending) if record["diffusion"] else []
         units.append(record)
-        if record["diffusion"]:
-            baseline = next((u for u in reversed(units) if u["trainer"] == cv.baseline and u["fold"] == unit.fold
-                             and u["repeat"] in (unit.repeat, 0)), None)
-            rows = ensemble_unit(cv, record, baseline, labels, held_out, targets, names, file_ending)
-            ensembles += [{**r, "repeat": unit.repeat, "fold": unit.fold} for r in rows]
+        ensembles += [{**r, "repeat": unit.repeat, "fold": unit.fold} for r in rows]
         summary = summarise_cross_validation(cv, units, ensembles)
         result = {"dataset": cv.dataset, "configuration": cv.configuration, "plans": cv.plans,
                   "baseline": cv.baseline, "budget": _budget_record(cv.budget), "options": asdict(cv.evaluation),

@@ -23,6 +23,11 @@ are skipped on a rerun with the same settings):
 - `results.json` (all of it, with the splits and every training's record), `per_case.csv`
 - `pseudo_dice.png`, `dice_vs_step_<sampler>.png`, `loss_per_timestep.png`
 - `units/<trainer>/repeat_<r>/fold_<f>/` (each training's predictions, scores, ensembles), `logs/`
+
+Trainings go fold by fold (every trainer of a fold, then the next fold), so an interrupted run leaves whole folds.
+The scores alone resume a run elsewhere: a fold whose trainings are gone counts as finished when `units/` holds
+the scores of all its trainers and ensembles with the same settings (keep `units/**/unit.json` and
+`units/**/ensemble.json`, not the predictions); a fold with anything missing is trained again as a whole.
 """
 from __future__ import annotations
 
