@@ -1,0 +1,112 @@
+"""Fine-tuning trainers: a diffusion segmentation trainer that starts from a trained stock nnU-Net model
+(`nnUNetTrainer` by default) of the same dataset, plans, configuration and fold, instead of from random weights.
+
+nnU-Net's `-pretrained_weights` cannot do this: its loader copies only tensors of equal name and shape and never
+the segmentation heads (`.seg_layers.`), and it hands the file to nobody else. These trainers therefore find the
+source model themselves, as nnU-Net's cascade finds the previous stage: `<nnUNet_results>/<dataset>/
+<source_trainer>__<plans>__<configuration>/fold_<fold>/checkpoint_final.pth`, or the checkpoint that
+`nnUNet_diffusion_finetune_from` names. The weights go in through `core.stock_start.load_stock_weights`, so the
+first x0 logits equal the stock model's output (see that module).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from nnunet_diffusion.core.stock_start import StockWeightsError, load_stock_weights
+from nnunet_diffusion.trainer_support import unwrap
+from nnunet_diffusion.trainers.segmentation import (nnUNetTrainerDiff, nnUNetTrainerDiffRecycle,
+                                                    nnUNetTrainerDiffSelfCond)
+
+FINETUNE_FROM_VARIABLE = "nnUNet_diffusion_finetune_from"
+
+
+class StockStart:
+    """Mixin for a diffusion trainer: start the first epoch from the stock model's weights, at a lower learning
+    rate over a shorter schedule (a resumed training, `--c`, continues from its own checkpoint instead)."""
+    source_trainer = "nnUNetTrainer"
+    source_checkpoint_name = "checkpoint_final.pth"
+    finetune_initial_lr = 1e-3
+    training_epochs = 250
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.finetune_initial_lr
+
+    def source_checkpoint(self) -> Path:
+        """The stock checkpoint to start from: `nnUNet_diffusion_finetune_from`, else the source trainer's model
+        of this fold."""
+        named = os.environ.get(FINETUNE_FROM_VARIABLE)
+        if named:
+            path = Path(named)
+            if not path.is_file():
+                raise FileNotFoundError(f"{FINETUNE_FROM_VARIABLE}={named} is not a file; name a stock model's "
+                                        f"checkpoint_final.pth, or unset it to start from this fold's "
+                                        f"{self.source_trainer} model")
+            return path
+        folder = Path(self.output_folder_base).parent / \
+            f"{self.source_trainer}__{self.plans_manager.plans_name}__{self.configuration_name}" / \
+            f"fold_{self.fold}"
+        path = folder / self.source_checkpoint_name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{type(self).__name__} fine-tunes the {self.source_trainer} model of the same fold, and {path} does "
+                f"not exist: train it first (nnUNetv2_train {self.plans_manager.dataset_name} {self.configuration_name}"
+                f" {self.fold} -p {self.plans_manager.plans_name}), or set {FINETUNE_FROM_VARIABLE} to the "
+                f"checkpoint of a stock model trained with the same plans and configuration")
+        return path
+
+    def start_from_stock(self) -> Path:
+        """Load the source checkpoint's weights into this trainer's network; refuse one of other plans,
+        configuration, labels or input channels."""
+        path = self.source_checkpoint()
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        init_args = checkpoint.get("init_args", {})
+        trained = (init_args.get("plans", {}).get("plans_name"), init_args.get("configuration"))
+        wanted = (self.plans_manager.plans_name, self.configuration_name)
+        if None not in trained and trained != wanted:
+            raise StockWeightsError(f"{path} was trained with -p {trained[0]} -c {trained[1]}, this training uses "
+                                    f"-p {wanted[0]} -c {wanted[1]}: fine-tune with the plans and configuration "
+                                    f"of the stock model")
+        try:
+            load_stock_weights(unwrap(self.network), checkpoint["network_weights"])
+        except StockWeightsError as error:
+            raise StockWeightsError(f"{path} ({checkpoint.get('trainer_name', 'unknown trainer')}) does not fit "
+                                    f"{type(self).__name__}: {error}") from None
+        self.print_to_log_file(f"starting from the stock model {path}")
+        return path
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.current_epoch == 0:
+            self.start_from_stock()
+
+
+class nnUNetTrainerDiffFinetune(StockStart, nnUNetTrainerDiff):
+    """Plain diffusion fine-tuned from this fold's nnUNetTrainer model."""
+
+
+class nnUNetTrainerDiffRecycleFinetune(StockStart, nnUNetTrainerDiffRecycle):
+    """Recycling (Fu et al.) fine-tuned from this fold's nnUNetTrainer model."""
+
+
+class nnUNetTrainerDiffSelfCondFinetune(StockStart, nnUNetTrainerDiffSelfCond):
+    """Self-conditioning fine-tuned from this fold's nnUNetTrainer model."""
+
+
+class nnUNetTrainerDiffRecycleFinetune_1epoch(nnUNetTrainerDiffRecycleFinetune):
+    """nnUNetTrainerDiffRecycleFinetune for 1 epoch of 250 iterations."""
+    training_epochs = 1
+
+
+class nnUNetTrainerDiffRecycleFinetune_5epochs(nnUNetTrainerDiffRecycleFinetune):
+    """nnUNetTrainerDiffRecycleFinetune for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+FINETUNE_TRAINERS = [c for c in list(globals().values())
+                     if isinstance(c, type) and issubclass(c, StockStart) and c.__module__ == __name__
+                     and c is not StockStart]
