@@ -6,6 +6,7 @@ invocations of each study.
     python experiments/recycling_crossval.py hippocampus cv --workdir /work/runs/hippo --epochs 10
     python experiments/recycling_crossval.py acdc cv --workdir /work/runs/acdc --patch-size 10 64 64
     python experiments/recycling_crossval.py brats cv --workdir /work/runs/brats
+    python experiments/recycling_crossval.py hippocampus finetune --workdir /work/runs/hippo --epochs 20
 
 Studies (each one `nnunet-diffusion crossval` command, printed before it runs; resumable):
 - `curves`: fold 0, stock / Diff / Recycle trained for each of --curve-epochs (separate trainings, nnU-Net's
@@ -14,6 +15,9 @@ Studies (each one `nnunet-diffusion crossval` command, printed before it runs; r
   the recipe's repeat trainers (the spread between trainings), the ensembles with stock.
 - `seeds`: fold 0 of the `cv` (or, with --seed-models curves, the `curves`) models at --epochs, 5 sampling seeds:
   the largest Dice difference across seeds per step.
+- `finetune`: on folds 0 and 1 (or --folds), recycling fine-tuned from the `cv` study's stock model of the fold
+  for 2, 5 and 10 epochs (10, 25, 50 % of the 20-epoch budget) at initial learning rate 1e-3, and for 5 epochs at
+  nnU-Net's 1e-2, against the `cv` study's stock and from-scratch recycling models (reused, not retrained).
 
 Everything goes under --workdir: `raw/`, `preprocessed/`, `<study>/` (the crossval outputs and their trainings).
 """
@@ -34,6 +38,8 @@ from nnunet_diffusion.utils import markdown_table
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STOCK, DIFF, RECYCLE, RECYCLE_ALL_T = ("nnUNetTrainer", "nnUNetTrainerDiff", "nnUNetTrainerDiffRecycle",
                                        "nnUNetTrainerDiffRecycleAllT")
+FINETUNE_ARMS = {"nnUNetTrainerDiffRecycleFinetune_2epochs": 2, "nnUNetTrainerDiffRecycleFinetune_5epochs": 5,
+                 "nnUNetTrainerDiffRecycleFinetune_10epochs": 10, "nnUNetTrainerDiffRecycleFinetuneFullLR_5epochs": 5}
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,10 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
         if recipe.repeat_folds:
             repeats += ["--repeat-folds", *map(str, recipe.repeat_folds)]
         return [crossval(recipe, workdir, cv_output, recipe.trainers, folds, args, *repeats)]
+    if study == "finetune":
+        return [crossval(recipe, workdir, f"finetune/epochs_{args.epochs}", [RECYCLE, *FINETUNE_ARMS],
+                         args.folds or [0, 1], args, "--results-root", str(workdir / cv_output / "results"),
+                         "--trainer-epochs", *(f"{t}={e}" for t, e in FINETUNE_ARMS.items()))]
     models = cv_output if args.seed_models == "cv" else f"curves/epochs_{args.epochs}"
     return [crossval(recipe, workdir, f"seeds/{models.replace('/', '_')}", [DIFF, RECYCLE], [0], args,
                      "--seeds", "0", "1", "2", "3", "4", "--results-root", str(workdir / models / "results"))]
@@ -139,7 +149,7 @@ def curves_table(workdir: Path, epochs: Sequence[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(RECIPES))
-    parser.add_argument("study", choices=("curves", "cv", "seeds"))
+    parser.add_argument("study", choices=("curves", "cv", "seeds", "finetune"))
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--epochs", type=int, help="budget of the cv and seeds studies (default: the recipe's)")

@@ -112,6 +112,17 @@ def test_units_go_fold_by_fold_baseline_first_and_repeat_only_where_asked(tmp_pa
                                     ("R + S", "S"), ("R + S", "R")]
 
 
+def test_trainer_epochs_change_only_the_epochs_of_the_named_trainers(tmp_path):
+    from nnunet_diffusion.utils import TrainingBudget
+    budget = TrainingBudget(20, 250, 20)
+    cv = _cv(tmp_path, budget=budget, trainer_epochs=(("R", 5),))
+    assert cv.budget_of("R") == TrainingBudget(5, 250, 20) and cv.budget_of("D") == cv.budget_of("S") == budget
+    with pytest.raises(ValueError, match="--trainer-epochs names X"):
+        _cv(tmp_path, budget=budget, trainer_epochs=(("X", 5),))
+    with pytest.raises(ValueError, match="give --epochs too"):
+        _cv(tmp_path, trainer_epochs=(("R", 5),))
+
+
 def _row(model, case, dice, sampler="-", seed="", step=1, steps=1):
     return {"model": model, "trainer": model, "sampler": sampler, "seed": seed, "step": step, "steps": steps,
             "case": case, "Dice": dice, "HD95": 1.0, "Dice a": dice}

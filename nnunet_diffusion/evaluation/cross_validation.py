@@ -66,6 +66,7 @@ class CrossValidation:
     num_folds: int = 5
     group_pattern: str | None = None
     diffusion_trainers: frozenset[str] = field(default_factory=frozenset)
+    trainer_epochs: tuple[tuple[str, int], ...] = ()  # (trainer, epochs) instead of the budget's epochs
 
     def __post_init__(self):
         if self.baseline in self.diffusion_trainers:
@@ -76,6 +77,11 @@ class CrossValidation:
         stray = sorted(set(self.repeat_trainers) - set(self.all_trainers))
         if stray:
             raise ValueError(f"--repeat-trainers {', '.join(stray)} are not among the compared trainers")
+        stray = sorted({t for t, _ in self.trainer_epochs} - set(self.all_trainers))
+        if stray:
+            raise ValueError(f"--trainer-epochs names {', '.join(stray)}, which are not among the compared trainers")
+        if self.trainer_epochs and self.budget is None:
+            raise ValueError("--trainer-epochs changes the epochs of the --epochs budget; give --epochs too")
         stray_folds = sorted(set(self.repeat_folds) - set(self.folds))
         if stray_folds:
             raise ValueError(f"--repeat-folds {stray_folds} are not among the folds {list(self.folds)}")
@@ -98,6 +104,11 @@ class CrossValidation:
         """The baseline training a diffusion unit is ensembled with: its own repeat's, else repeat 0's."""
         own = Unit(self.baseline, unit.repeat, unit.fold)
         return own if own in self.units() else Unit(self.baseline, 0, unit.fold)
+
+    def budget_of(self, trainer: str) -> TrainingBudget | None:
+        """The budget's iterations, with the trainer's own epochs where --trainer-epochs names it."""
+        epochs = dict(self.trainer_epochs).get(trainer)
+        return self.budget if epochs is None else replace(self.budget, epochs=epochs)
 
     def results_of(self, repeat: int) -> Path:
         return self.results_root if repeat == 0 else self.results_root / f"crossval_repeat_{repeat}"
@@ -127,7 +138,8 @@ def train_unit(cv: CrossValidation, unit: Unit, env: dict[str, str]) -> dict:
     with its trainer's own budget."""
     folder = cv.fold_folder(unit)
     record_file = folder / TRAINING_RECORD
-    wanted = _budget_record(cv.budget)
+    budget = cv.budget_of(unit.trainer)
+    wanted = _budget_record(budget)
     if (folder / "checkpoint_final.pth").is_file():
         record = json.loads(record_file.read_text()) if record_file.is_file() else \
             {"budget": None, "seed": None, "wall_seconds": None, "command": "trained outside nnunet-diffusion crossval"}
@@ -138,8 +150,8 @@ def train_unit(cv: CrossValidation, unit: Unit, env: dict[str, str]) -> dict:
         return record
     command = [sys.executable, "-m", "nnunet_diffusion.runs", cv.dataset, cv.configuration, str(unit.fold),
                unit.trainer, "-p", cv.plans, "-device", cv.evaluation.device, "--seed", str(unit.seed)]
-    if cv.budget is not None:
-        command += ["--budget", str(cv.budget.epochs), str(cv.budget.iterations), str(cv.budget.val_iterations)]
+    if budget is not None:
+        command += ["--budget", str(budget.epochs), str(budget.iterations), str(budget.val_iterations)]
     log = cv.output / "logs" / f"{unit.trainer}_repeat{unit.repeat}_fold{unit.fold}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"train {unit.trainer} repeat {unit.repeat} fold {unit.fold} (log: {log})", flush=True)
@@ -243,7 +255,7 @@ def archived_unit(cv: CrossValidation, unit: Unit, cases: Sequence[str]) -> tupl
     for member in dict.fromkeys([*group, cv.baseline_of(unit)]):
         record = _read_record(cv.unit_output(member) / UNIT_RECORD)
         if record is None or record["key"]["options"] != _as_json(asdict(_unit_options(cv, member))) or \
-                record["key"]["cases"] != sorted(cases) or record["training"]["budget"] != _budget_record(cv.budget):
+                record["key"]["cases"] != sorted(cases) or record["training"]["budget"] != _budget_record(cv.budget_of(member.trainer)):
             return None
         records[member] = record
     ensembles = {}
@@ -442,7 +454,7 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
     """results.md: the tables of `summary` with the settings that produced them."""
     budget = "each trainer's own epochs and iterations" if cv.budget is None else \
         f"{cv.budget.epochs} epochs × {cv.budget.iterations} iterations ({cv.budget.val_iterations} validation " \
-        f"batches per epoch)"
+        f"batches per epoch)" + "".join(f"; {t}: {e} epochs" for t, e in cv.trainer_epochs)
     options = cv.evaluation
     lines = [f"# Cross-validation on {cv.dataset} ({cv.configuration}, {cv.plans})", "",
              f"{len(splits)}-fold split of `splits_final.json`, folds {', '.join(map(str, cv.folds))}"
@@ -587,7 +599,8 @@ def run_cross_validation(cv: CrossValidation, raw_dataset: Path, preprocessed_da
         ensembles += [{**r, "repeat": unit.repeat, "fold": unit.fold} for r in rows]
         summary = summarise_cross_validation(cv, units, ensembles)
         result = {"dataset": cv.dataset, "configuration": cv.configuration, "plans": cv.plans,
-                  "baseline": cv.baseline, "budget": _budget_record(cv.budget), "options": asdict(cv.evaluation),
+                  "baseline": cv.baseline, "budget": _budget_record(cv.budget),
+                  "trainer_epochs": dict(cv.trainer_epochs), "options": asdict(cv.evaluation),
                   "folds": list(cv.folds), "repeats": cv.repeats, "group_pattern": cv.group_pattern,
                   "splits": splits, "units": [{k: v for k, v in u.items() if k != "per_case"} for u in units],
                   **summary}

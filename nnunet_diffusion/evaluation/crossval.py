@@ -59,6 +59,14 @@ def diffusion_trainers(names: list[str]) -> frozenset[str]:
     return frozenset(found)
 
 
+def _trainer_epochs(text: str) -> tuple[str, int]:
+    trainer, _, epochs = text.partition("=")
+    if not trainer or not epochs.isdigit() or int(epochs) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TRAINER=EPOCHS with EPOCHS ≥ 1, e.g. "
+                                         f"nnUNetTrainerDiffRecycleFinetune_2epochs=2")
+    return trainer, int(epochs)
+
+
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nnunet-diffusion crossval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +87,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat-folds", nargs="+", type=int, default=[], help="folds of the further runs "
                         "(default: all)")
     parser.add_argument("--epochs", type=int, help="training budget: epochs (default: each trainer's own)")
+    parser.add_argument("--trainer-epochs", nargs="+", default=[], metavar="TRAINER=EPOCHS", type=_trainer_epochs,
+                        help="epochs of these trainers instead of --epochs, iterations as the budget's (e.g. "
+                        "fine-tuning at a fraction of the from-scratch budget)")
     parser.add_argument("--iterations", type=int, default=250, help="iterations per epoch with --epochs (250)")
     parser.add_argument("--val-iterations", type=int, default=50, help="validation batches per epoch with "
                         "--epochs (50)")
@@ -117,7 +128,7 @@ def main(argv: list[str]) -> int:
                              (args.results_root or output / "results").resolve(),
                              options_from_args(args, save_probabilities=True), budget, args.repeats,
                              tuple(args.repeat_trainers), tuple(args.repeat_folds), args.num_folds, args.group_by,
-                             diffusion_trainers([args.baseline, *trainers]))
+                             diffusion_trainers([args.baseline, *trainers]), tuple(args.trainer_epochs))
         run_cross_validation(cv, Path(nnUNet_raw) / dataset, Path(nnUNet_preprocessed) / dataset)
     print(f"wrote {args.output / 'results.md'}, results.json, per_case.csv")
     return 0

@@ -97,13 +97,33 @@ class nnUNetTrainerDiffSelfCondFinetune(StockStart, nnUNetTrainerDiffSelfCond):
     """Self-conditioning fine-tuned from this fold's nnUNetTrainer model."""
 
 
+class nnUNetTrainerDiffRecycleFinetuneFullLR(nnUNetTrainerDiffRecycleFinetune):
+    """Recycling fine-tuned at nnU-Net's from-scratch initial learning rate, 1e-2 (the schedule's other lever)."""
+    finetune_initial_lr = 1e-2
+
+
 class nnUNetTrainerDiffRecycleFinetune_1epoch(nnUNetTrainerDiffRecycleFinetune):
     """nnUNetTrainerDiffRecycleFinetune for 1 epoch of 250 iterations."""
     training_epochs = 1
 
 
+class nnUNetTrainerDiffRecycleFinetune_2epochs(nnUNetTrainerDiffRecycleFinetune):
+    """nnUNetTrainerDiffRecycleFinetune for 2 epochs of 250 iterations."""
+    training_epochs = 2
+
+
 class nnUNetTrainerDiffRecycleFinetune_5epochs(nnUNetTrainerDiffRecycleFinetune):
     """nnUNetTrainerDiffRecycleFinetune for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerDiffRecycleFinetune_10epochs(nnUNetTrainerDiffRecycleFinetune):
+    """nnUNetTrainerDiffRecycleFinetune for 10 epochs of 250 iterations."""
+    training_epochs = 10
+
+
+class nnUNetTrainerDiffRecycleFinetuneFullLR_5epochs(nnUNetTrainerDiffRecycleFinetuneFullLR):
+    """nnUNetTrainerDiffRecycleFinetuneFullLR for 5 epochs of 250 iterations."""
     training_epochs = 5
 
 
