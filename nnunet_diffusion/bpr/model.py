@@ -29,8 +29,9 @@ DEFAULT_FEATURES_PER_STAGE = (16, 32, 64, 64)
 class BPRConfig:
     """Everything needed to rebuild a BPR and to check it matches the data it is applied to.
 
-    patch_size: (Z, Y, X) tiles the BPR is trained for; a slice along axis a is cropped to the patch size of the
-        two other axes.
+    patch_size: (Z, Y, X) patch size of the nnU-Net configuration the BPR was trained with (a record).
+    slice_size: every slice is resampled to this size before it is scored, whatever its extent: the BPR reads whole
+        slices (the full field of view), as bpreg does, so a score does not depend on where a window was cut.
     intensity_normalization: "ct_window" clips Hounsfield units to `ct_window` and maps them to [-1, 1] (raw CT);
         "none" leaves intensities as they are (data already normalised, e.g. by nnU-Net's CTNormalization).
     spacing: voxel spacing (mm, array order) of the training data, if known.
@@ -39,6 +40,7 @@ class BPRConfig:
         other plans (other spacing, normalisation or axis order).
     """
     patch_size: tuple[int, int, int]
+    slice_size: tuple[int, int] = (64, 64)
     intensity_normalization: str = "ct_window"
     ct_window: tuple[float, float] = (-1000.0, 1500.0)
     features_per_stage: tuple[int, ...] = DEFAULT_FEATURES_PER_STAGE
@@ -57,6 +59,10 @@ class BPRConfig:
             raise ValueError(f"patch_size must have 3 entries (Z, Y, X), got {self.patch_size}")
         # Tuples survive JSON/pickle round trips as lists; normalise so equal configs compare equal.
         object.__setattr__(self, "patch_size", tuple(int(s) for s in self.patch_size))
+        object.__setattr__(self, "slice_size", tuple(int(s) for s in self.slice_size))
+        if len(self.slice_size) != 2 or min(self.slice_size) < self.min_size:
+            raise ValueError(f"slice_size must be 2 sizes of at least {self.min_size} (the BPR downsamples "
+                             f"{len(self.features_per_stage) - 1} times), got {self.slice_size}")
         object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
         object.__setattr__(self, "features_per_stage", tuple(int(f) for f in self.features_per_stage))
         if self.spacing is not None:
@@ -81,6 +87,14 @@ def normalize_intensities(images: torch.Tensor, config: BPRConfig) -> torch.Tens
         return images
     lower, upper = config.ct_window
     return (images.clamp(lower, upper) - lower) / (upper - lower) * 2 - 1
+
+
+def resized_slices(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, H, W) → (N, 1, *size): whole slices brought to the BPR's input size (bilinear, antialiased when
+    shrinking), so slices of any extent can be scored and batched together."""
+    if tuple(slices.shape[2:]) == tuple(size):
+        return slices
+    return nn.functional.interpolate(slices, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -133,10 +147,12 @@ class BPRModel(nn.Module):
         self.config = saved
 
     def score_slices(self, slices: torch.Tensor, axis: int) -> torch.Tensor:
-        """(N, 1, H, W) slices orthogonal to `axis` → (N,) scores (coordinates along that axis)."""
+        """(N, 1, H, W) slices orthogonal to `axis` → (N,) scores (coordinates along that axis); each slice is
+        resampled to `config.slice_size` first (bilinear, antialiased when shrinking)."""
         if slices.ndim != 4 or slices.shape[1] != 1:
             raise ValueError(f"expected slices of shape (N, 1, H, W), got {tuple(slices.shape)}")
-        features = self.trunk(normalize_intensities(slices, self.config)).mean(dim=(2, 3))
+        slices = normalize_intensities(resized_slices(slices, self.config.slice_size), self.config)
+        features = self.trunk(slices).mean(dim=(2, 3))
         return self.axis_heads(self.hidden(features))[:, axis]
 
     def forward(self, images: torch.Tensor, axis: int | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Self-supervised BPR training (SSBR / bpreg style, on three axes) and its ordering evaluation.
 
-A training sample is `num_slices` equidistant slices along one axis, `gap` voxels apart (physical step
-Δmm = gap × spacing, known), all cropped to the same in-plane window of the patch size, so the BPR learns to
-order tiles as the pretraining network will see them. With Δs_i the consecutive score steps and
+A training sample is `num_slices` equidistant whole slices along one axis (the full field of view, resampled
+to the BPR's slice size), `gap` voxels apart (physical step Δmm = gap × spacing, known), as bpreg trains on whole
+axial slices: a slice's score then depends on the anatomy it shows, not on where a window was cut. With Δs_i the consecutive score steps and
 t = Δmm / mm_per_unit their target (scores are coordinates in units of mm_per_unit = 100 mm), all terms are
 measured in units of δ = 10 mm / mm_per_unit so that their gradients are O(1) and bounded:
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 
-from nnunet_diffusion.bpr.model import AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel, build_bpr
+from nnunet_diffusion.bpr.model import (AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel, build_bpr,
+                                        resized_slices)
 
 # Slices whose intensity standard deviation is below this fraction of the volume's are background.
 MIN_RELATIVE_SLICE_STD = 0.15
@@ -74,10 +74,11 @@ def informative_slices(slices: torch.Tensor, reference_std: float,
     return slices.flatten(1).std(dim=1) > min_relative_std * reference_std
 
 
-def sample_equidistant_slices(volume: torch.Tensor, axis: int, num_slices: int, window: tuple[int, int],
-                              rng: np.random.Generator, valid_range: tuple[int, int] | None = None,
+def sample_equidistant_slices(volume: torch.Tensor, axis: int, num_slices: int, rng: np.random.Generator,
+                              window: tuple[int, int] | None = None, valid_range: tuple[int, int] | None = None,
                               reference_std: float | None = None, max_tries: int = 8) -> tuple[torch.Tensor, int]:
-    """Pick `num_slices` equidistant slices along `axis` of a (D0, D1, D2) volume, cropped to one random window.
+    """Pick `num_slices` equidistant slices along `axis` of a (D0, D1, D2) volume: whole slices, or cropped to one
+    random `window`.
 
     valid_range (first, last) restricts the slice positions (e.g. to exclude padding). With reference_std,
     draws are repeated (up to max_tries, then the last draw is kept) until every slice is informative.
@@ -89,6 +90,7 @@ def sample_equidistant_slices(volume: torch.Tensor, axis: int, num_slices: int, 
         raise ValueError(f"only {extent} slices along axis {axis} ({AXIS_NAMES[axis]}), need at least {num_slices}")
     along_axis = volume.movedim(axis, 0)
     in_plane = along_axis.shape[1:]
+    window = tuple(in_plane) if window is None else window
     if any(w > s for w, s in zip(window, in_plane)):
         raise ValueError(f"window {window} does not fit slices of shape {tuple(in_plane)}")
     for _ in range(max_tries):
@@ -102,21 +104,17 @@ def sample_equidistant_slices(volume: torch.Tensor, axis: int, num_slices: int, 
     return slices, gap
 
 
-def _in_plane(shape: Sequence[int], axis: int) -> tuple[int, int]:
-    other = [int(s) for d, s in enumerate(shape) if d != axis]
-    return other[0], other[1]
-
-
-def train_bpr(volumes: Sequence[tuple[np.ndarray, tuple[float, float, float]]], patch_size: tuple[int, int, int],
-              iterations: int = 500, *, batch_size: int = 8, num_slices: int = 4, learning_rate: float = 1e-3,
+def train_bpr(volumes: Sequence[tuple[np.ndarray, tuple[float, float, float]]], iterations: int = 500, *,
+              slice_size: tuple[int, int] = (64, 64), batch_size: int = 8, num_slices: int = 4,
+              learning_rate: float = 1e-3,
               intensity_normalization: str = "ct_window", ct_window: tuple[float, float] = (-1000.0, 1500.0),
               features_per_stage: tuple[int, ...] = DEFAULT_FEATURES_PER_STAGE,
               loss_weights: BPRLossWeights = BPRLossWeights(), plans_identifier: str | None = None, seed: int = 0,
               device: str | torch.device = "cpu") -> BPRModel:
     """Train a BPR on (array (z, y, x), spacing (z, y, x) in mm) volumes; deterministic for a seed on one device.
 
-    Each iteration trains one axis (cycling axial, coronal, sagittal) on `batch_size` samples from random
-    volumes. In-plane windows are the patch size, shrunk to the smallest volume where needed. iterations=0
+    Each iteration trains one axis (cycling axial, coronal, sagittal) on `batch_size` samples of whole slices
+    from random volumes. iterations=0
     returns the initial model of that seed (the untrained baseline). The returned model is in eval mode.
     """
     if not volumes:
@@ -128,14 +126,11 @@ def train_bpr(volumes: Sequence[tuple[np.ndarray, tuple[float, float, float]]], 
         if array.ndim != 3 or len(spacing) != 3:
             raise ValueError(f"volumes must be (3D array, 3 spacings), got shape {array.shape} and {spacing}")
     spacing_values = {tuple(float(s) for s in spacing) for _, spacing in volumes}
-    config = BPRConfig(patch_size=tuple(patch_size), intensity_normalization=intensity_normalization,
-                       ct_window=ct_window, features_per_stage=tuple(features_per_stage),
-                       plans_identifier=plans_identifier, spacing=spacing_values.pop() if len(spacing_values) == 1 else None)
-    smallest = np.min([array.shape for array, _ in volumes], axis=0)
-    windows = [_in_plane(np.minimum(config.patch_size, smallest), axis) for axis in range(3)]
-    if min(min(w) for w in windows) < config.min_size:
-        raise ValueError(f"image too small for the BPR: smallest volume {tuple(smallest)} and patch "
-                         f"{config.patch_size} give windows {windows}, need at least {config.min_size} voxels per axis")
+    smallest = tuple(int(s) for s in np.min([array.shape for array, _ in volumes], axis=0))
+    config = BPRConfig(patch_size=smallest, slice_size=tuple(slice_size),
+                       intensity_normalization=intensity_normalization, ct_window=ct_window,
+                       features_per_stage=tuple(features_per_stage), plans_identifier=plans_identifier,
+                       spacing=spacing_values.pop() if len(spacing_values) == 1 else None)
 
     device = torch.device(device)
     model = build_bpr(config, seed=seed).to(device)
@@ -150,9 +145,9 @@ def train_bpr(volumes: Sequence[tuple[np.ndarray, tuple[float, float, float]]], 
         axis = iteration % 3
         stacks, steps_mm = [], []
         for volume_index in rng.integers(0, len(volumes), batch_size):
-            slices, gap = sample_equidistant_slices(tensors[volume_index], axis, num_slices, windows[axis], rng,
+            slices, gap = sample_equidistant_slices(tensors[volume_index], axis, num_slices, rng,
                                                     reference_std=volume_stds[volume_index])
-            stacks.append(slices)
+            stacks.append(resized_slices(slices, config.slice_size))
             steps_mm.append(gap * float(volumes[volume_index][1][axis]))
         scores = model.score_slices(torch.cat(stacks).to(device), axis).reshape(batch_size, num_slices)
         loss, _ = bpr_loss(scores, torch.tensor(steps_mm, device=device), config.mm_per_unit, loss_weights)
@@ -162,47 +157,3 @@ def train_bpr(volumes: Sequence[tuple[np.ndarray, tuple[float, float, float]]], 
         optimizer.step()
         scheduler.step()
     return model.eval()
-
-
-def _centred_window(volume: torch.Tensor, axis: int, window: tuple[int, int], min_size: int) -> torch.Tensor:
-    """(A, 1, h, w): every slice along `axis`, cropped to the centred window (or its full extent if smaller)."""
-    slices = volume.movedim(axis, 0)
-    crops = []
-    for size, limit in zip(slices.shape[1:], window):
-        length = min(size, limit)
-        if length < min_size:
-            raise ValueError(f"image too small for the BPR: volume shape {tuple(volume.shape)}, need at least "
-                             f"{min_size} voxels per axis")
-        start = (size - length) // 2
-        crops.append(slice(start, start + length))
-    return slices[:, None, crops[0], crops[1]]
-
-
-@torch.no_grad()
-def ordering_spearman(model: BPRModel, volume: np.ndarray | torch.Tensor, spacing: Sequence[float]
-                      ) -> dict[str, float]:
-    """Per axis, Spearman correlation between slice scores and physical slice position (1 = perfect ordering).
-
-    Every slice along the axis is scored in the centred in-plane window of the BPR's patch size. Background
-    slices (see informative_slices) are left out, since no position can be read from them. NaN for an axis with
-    fewer than 3 informative slices or constant scores (the correlation is undefined).
-    """
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive numbers in array order, got {tuple(spacing)}")
-    parameter = next(model.parameters())
-    volume = torch.as_tensor(volume).to(device=parameter.device, dtype=parameter.dtype)
-    if volume.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {tuple(volume.shape)}")
-    reference_std = float(volume.std())
-    was_training = model.training
-    model.eval()
-    result = {}
-    for axis, name in enumerate(AXIS_NAMES):
-        slices = _centred_window(volume, axis, _in_plane(model.config.patch_size, axis), model.config.min_size)
-        keep = informative_slices(slices, reference_std).cpu().numpy()
-        scores = model.score_slices(slices[torch.as_tensor(keep, device=slices.device)], axis).cpu().numpy()
-        positions_mm = np.flatnonzero(keep) * float(spacing[axis])
-        undefined = len(scores) < 3 or np.ptp(scores) == 0
-        result[name] = float(np.nan) if undefined else float(spearmanr(positions_mm, scores).statistic)
-    model.train(was_training)
-    return result

@@ -11,7 +11,8 @@ ribs, pelvis, bladder, bowel gas, the scanner table, and the left-right asymmetr
 
 Geometry: arrays are (z, y, x) as SimpleITK returns them, with identity direction, so index x grows towards the
 patient's left, y towards posterior and z towards superior (LPS). 64×64 voxels in-plane at 4 mm, 48–80 slices
-at 4–5 mm along z.
+at 4–5 mm along z. The origin is the first voxel's true position in the virtual torso (mm), so the geometry of
+every case tells where it lies: the ground truth for the coordinates a Body Part Regressor predicts.
 """
 from __future__ import annotations
 
@@ -141,8 +142,13 @@ def _skeleton(rng: np.random.Generator, x, y, z, inner_radius: np.ndarray, spine
     return hu != 0, hu
 
 
-def _phantom_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """One case: image in HU (int16, (z, y, x)), labels (uint8, (z, y, x)) and SimpleITK spacing (x, y, z)."""
+def _phantom_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float],
+                                                   tuple[float, float, float]]:
+    """One case: image in HU (int16, (z, y, x)), labels (uint8, (z, y, x)), SimpleITK spacing and origin (x, y, z).
+
+    The origin is the first voxel's position in virtual-torso millimetres, so the image geometry holds every
+    voxel's true anatomical position (as a scanner's table position would): the reference a Body Part Regressor's
+    coordinates are measured against."""
     num_slices = int(rng.integers(Z_SLICES_RANGE[0], Z_SLICES_RANGE[1] + 1))
     z_spacing = float(rng.choice(Z_SPACINGS_MM))
     extent = num_slices * z_spacing
@@ -214,12 +220,15 @@ def _phantom_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tup
     noise = gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), sigma=0.5)
     image += noise / noise.std() * rng.uniform(15, 25)
     image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
-    return image, labels, (IN_PLANE_SPACING_MM, IN_PLANE_SPACING_MM, z_spacing)
+    origin = (float(in_plane[0] - shift_x), float(in_plane[0] - shift_y), float(z_start))
+    return image, labels, (IN_PLANE_SPACING_MM, IN_PLANE_SPACING_MM, z_spacing), origin
 
 
-def _write(array: np.ndarray, path: Path, spacing: tuple[float, float, float]) -> None:
+def _write(array: np.ndarray, path: Path, spacing: tuple[float, float, float],
+           origin: tuple[float, float, float]) -> None:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
+    image.SetOrigin(origin)
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
@@ -243,10 +252,10 @@ def generate_phantom_dataset(raw_root: str | Path, dataset_id: int = 601, name: 
             split = "Tr" if index < num_train else "Ts"
             for folder in (f"images{split}", f"labels{split}"):
                 (staging / folder).mkdir(exist_ok=True)
-            image, labels, spacing = _phantom_case(np.random.default_rng(case_seed))
+            image, labels, spacing, origin = _phantom_case(np.random.default_rng(case_seed))
             case = f"{name.lower()}_{index:03d}"
-            _write(image, staging / f"images{split}" / f"{case}_0000.nii.gz", spacing)
-            _write(labels, staging / f"labels{split}" / f"{case}.nii.gz", spacing)
+            _write(image, staging / f"images{split}" / f"{case}_0000.nii.gz", spacing, origin)
+            _write(labels, staging / f"labels{split}" / f"{case}.nii.gz", spacing, origin)
         dataset_json = {
             "name": name,
             "description": "Generated CT-like torso phantom (nnunet_diffusion.datasets.phantom)",

@@ -1,19 +1,22 @@
-"""nnUNetTrainerBPR: trains the 3-axis BPR inside nnU-Net on its preprocessed data, patches and data loaders.
+"""nnUNetTrainerBPR: trains the 3-axis BPR inside nnU-Net on its preprocessed data, split and augmentations.
 
 Run it like any trainer: `nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerBPR` (with nnUNet_extTrainer
-pointing at a folder that re-exports this module). Labels are ignored; nnU-Net's padding marker (-1 in the
-target) tells which slices of a patch are real image. What differs from segmentation training:
+pointing at a folder that re-exports this module). Labels are ignored. What differs from segmentation training:
 
-- no rotation, scaling or mirroring: they would scramble the anatomical order the BPR learns (intensity
-  augmentation is kept). Patches are random crops of patch size; no foreground oversampling;
+- the BPR reads whole slices (the full field of view, resampled to its slice size), so the trainer feeds whole
+  preprocessed cases (nnU-Net's dataset class, `load_case`) instead of nnU-Net's patches;
+- no rotation, scaling or mirroring: they would scramble the anatomical order the BPR learns (nnU-Net's
+  intensity augmentation is kept, applied to each whole case);
 - the network is the BPR (intensity_normalization="none": nnU-Net has normalised the data already), Adam with
   nnU-Net's poly learning-rate schedule, no deep supervision, no torch.compile (the slice shapes change with the
   axis, so compiled graphs would be rebuilt all the time);
 - each epoch logs only nnU-Net's logger keys: train_losses and val_losses are BPR losses, mean_fg_dice is the
   mean validation Spearman (ordering quality, so checkpoint_best tracks it) and dice_per_class_or_region the
-  per-axis Spearman (axial, coronal, sagittal) on validation patches;
+  per-axis Spearman (axial, coronal, sagittal) on whole validation cases;
 - the final validation scores whole validation cases (ordering_spearman) and writes bpr_validation.json into
   the fold folder instead of segmenting.
+
+The patch size of the configuration is recorded in the BPR's config but plays no part in what it reads.
 """
 from __future__ import annotations
 
@@ -40,7 +43,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_diffusion.bpr.model import AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel
-from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, ordering_spearman, sample_equidistant_slices
+from nnunet_diffusion.bpr.coordinates import ordering_spearman
+from nnunet_diffusion.bpr.model import resized_slices
+from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, sample_equidistant_slices
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
 from nnunet_diffusion.utils import nanmean
@@ -48,23 +53,36 @@ from nnunet_diffusion.utils import nanmean
 __all__ = ["nnUNetTrainerBPR", "nnUNetTrainerBPR_smoke"]
 
 
-def _valid_box(target: torch.Tensor) -> tuple[slice, slice, slice]:
-    """Bounding box of the real image in a patch: nnU-Net pads the target with -1 where the patch leaves the image."""
-    real = target != -1
-    box = []
-    for axis in range(3):
-        along = real.movedim(axis, 0).flatten(1).any(1).nonzero().flatten()
-        box.append(slice(int(along[0]), int(along[-1]) + 1))
-    return tuple(box)
-
-
 def _nan_to_none(value: float) -> float | None:
     """JSON has no NaN: an undefined correlation is written as null."""
     return None if np.isnan(value) else float(value)
 
 
+class WholeCases:
+    """Endless batches of whole preprocessed cases (first image channel), as (D0, D1, D2) tensors of their own
+    shapes, each intensity-augmented with `augmentation` when given. Cases are drawn with numpy's global RNG, as
+    nnU-Net's loader draws its patches."""
+
+    def __init__(self, dataset, batch_size: int, augmentation: BasicTransform | None):
+        self.dataset, self.batch_size, self.augmentation = dataset, batch_size, augmentation
+        self.keys = list(dataset.identifiers)
+
+    def __iter__(self) -> WholeCases:
+        return self
+
+    def __next__(self) -> dict:
+        volumes = []
+        for key in np.random.choice(self.keys, self.batch_size):
+            image = torch.from_numpy(np.asarray(self.dataset.load_case(key)[0][:1], dtype=np.float32))
+            if self.augmentation is not None:
+                image = self.augmentation(image=image)["image"]
+            volumes.append(image[0])
+        return {"data": volumes}
+
+
 class nnUNetTrainerBPR(PluginTrainer):
-    """Self-supervised 3-axis Body Part Regressor trained on nnU-Net patches (see the module docstring).
+    """Self-supervised 3-axis Body Part Regressor trained on whole slices of nnU-Net's preprocessed cases (see the
+    module docstring).
 
     Settings are class attributes (nnU-Net rebuilds trainers from their __init__ signature, so no new
     __init__ parameters): subclass to change them, as nnUNetTrainerBPR_smoke does.
@@ -74,7 +92,8 @@ class nnUNetTrainerBPR(PluginTrainer):
     bpr_val_iterations_per_epoch: int = 20
     bpr_initial_lr: float = 1e-3
     bpr_num_slices: int = 4
-    bpr_stacks_per_patch: int = 4
+    bpr_stacks_per_case: int = 4
+    bpr_slice_size: tuple[int, int] = (64, 64)
     # The pretraining networks embed a BPR of the default architecture, so keep it unless you know otherwise.
     bpr_features_per_stage: tuple[int, ...] = DEFAULT_FEATURES_PER_STAGE
     bpr_loss_weights: BPRLossWeights = BPRLossWeights()
@@ -83,7 +102,6 @@ class nnUNetTrainerBPR(PluginTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
-        self.oversample_foreground_percent = 0.0
         self.initial_lr = self.bpr_initial_lr
         self.weight_decay = 0.0
         self.num_epochs = self.bpr_num_epochs
@@ -95,12 +113,12 @@ class nnUNetTrainerBPR(PluginTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """The BPR for this configuration's patches; it reads the first image channel only."""
+        """The BPR for this configuration's data; it reads the first image channel only."""
         patch_size = tuple(configuration_manager.patch_size)
         if len(patch_size) != 3:
             raise ValueError(f"nnUNetTrainerBPR needs a 3D configuration (e.g. 3d_fullres); this one has patch size "
                              f"{patch_size}")
-        return BPRModel(BPRConfig(patch_size=patch_size, intensity_normalization="none",
+        return BPRModel(BPRConfig(patch_size=patch_size, slice_size=cls.bpr_slice_size, intensity_normalization="none",
                                   features_per_stage=cls.bpr_features_per_stage,
                                   spacing=tuple(configuration_manager.spacing),
                                   plans_identifier=plans_manager.plans_name,
@@ -131,7 +149,7 @@ class nnUNetTrainerBPR(PluginTrainer):
         """The BPR has no decoder and no deep supervision."""
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """No rotation and no mirroring; the loader crops patch-size patches directly."""
+        """No rotation and no mirroring (no mirroring at inference either)."""
         patch_size = tuple(self.configuration_manager.patch_size)
         self.inference_allowed_mirroring_axes = None
         self.print_to_log_file("BPR training: no rotation, scaling or mirroring (they would scramble the "
@@ -151,7 +169,7 @@ class nnUNetTrainerBPR(PluginTrainer):
             regions: list[Union[list[int], tuple[int, ...], int]] = None,
             ignore_label: int = None,
     ) -> BasicTransform:
-        """nnU-Net's intensity augmentations only. The -1 padding marker in the target is kept on purpose."""
+        """nnU-Net's intensity augmentations only (applied to whole cases, see WholeCases)."""
         return ComposeTransforms([
             RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1,
                                                    synchronize_channels=True), apply_probability=0.1),
@@ -179,29 +197,35 @@ class nnUNetTrainerBPR(PluginTrainer):
             regions: list[Union[list[int], tuple[int, ...], int]] = None,
             ignore_label: int = None,
     ) -> BasicTransform:
-        """Nothing: validation patches keep the -1 padding marker as well."""
+        """Nothing."""
         return ComposeTransforms([])
 
-    def _sample_stacks(self, batch: dict, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """bpr_stacks_per_patch equidistant slice stacks per patch: (slices, step_mm).
+    def get_dataloaders(self) -> tuple[WholeCases, WholeCases]:
+        """Whole preprocessed cases of nnU-Net's split, the training ones with the intensity augmentation."""
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        augmentation = self.get_training_transforms(self.configuration_manager.patch_size, (0.0, 0.0), None, None,
+                                                    False)
+        return WholeCases(dataset_tr, self.batch_size, augmentation), WholeCases(dataset_val, self.batch_size, None)
 
-        Slices are whole patch cross-sections (one shape for the batch), taken only where the patch covers real
-        image along the axis.
-        """
+    def _sample_stacks(self, batch: dict, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """bpr_stacks_per_case stacks of equidistant whole slices per case, resampled to the BPR's slice size:
+        (slices, step_mm)."""
         stacks, steps_mm = [], []
         # Drawn from numpy's global RNG, like nnU-Net's own patch sampling, so that seeding numpy makes a run
         # repeatable and a resumed run can match an uninterrupted one.
         rng = np.random.default_rng(np.random.randint(2 ** 31))
         spacing = float(self.configuration_manager.spacing[axis])
-        for volume, target in zip(batch["data"][:, 0], batch["target"][:, 0]):
-            box = _valid_box(target)
-            window = tuple(s for d, s in enumerate(volume.shape) if d != axis)
-            reference_std = float(volume[box].std())
-            for _ in range(self.bpr_stacks_per_patch):
-                slices, gap = sample_equidistant_slices(volume, axis, self.bpr_num_slices, window, rng,
-                                                        valid_range=(box[axis].start, box[axis].stop - 1),
+        size = self.bpr_model().config.slice_size
+        for volume in batch["data"]:
+            reference_std = float(volume.std())
+            for _ in range(self.bpr_stacks_per_case):
+                slices, gap = sample_equidistant_slices(volume, axis, self.bpr_num_slices, rng,
                                                         reference_std=reference_std)
-                stacks.append(slices)
+                stacks.append(resized_slices(slices, size))
                 steps_mm.append(gap * spacing)
         return torch.cat(stacks).to(self.device, non_blocking=True), torch.tensor(steps_mm, device=self.device)
 
@@ -232,9 +256,8 @@ class nnUNetTrainerBPR(PluginTrainer):
             stacks, steps_mm = self._sample_stacks(batch, axis)
             losses.append(float(self.loss(self._stack_scores(stacks, axis), steps_mm)[0]))
         model, spacing = self.bpr_model(), self.configuration_manager.spacing
-        spearman = np.array([[ordering_spearman(model, volume[_valid_box(target)], spacing)[name]
-                              for name in AXIS_NAMES]
-                             for volume, target in zip(batch["data"][:, 0], batch["target"][:, 0])])
+        spearman = np.array([[ordering_spearman(model, volume, spacing)[name] for name in AXIS_NAMES]
+                             for volume in batch["data"]])
         return {"loss": np.mean(losses), "spearman": spearman}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
