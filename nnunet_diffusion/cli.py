@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "images-to-dataset": ("nnunet_diffusion.datasets.unlabeled",
                           "turn a folder of unlabeled images into an nnU-Net dataset for pretraining"),
     "convert-brats": ("nnunet_diffusion.datasets.brats", "convert BraTS 2013 (DeepMedic layout) to an nnU-Net dataset"),
+    "add-coordinates": ("nnunet_diffusion.datasets.coordinates",
+                        "add anatomical coordinate channels (BPR or image geometry) to a dataset or image folder"),
 }
 
 

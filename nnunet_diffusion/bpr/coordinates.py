@@ -73,14 +73,14 @@ def case_lines(model: BPRModel, volume: np.ndarray | torch.Tensor, positions_mm:
     return lines
 
 
-def coordinate_maps(lines: Sequence[AxisLine], positions_mm: Sequence[np.ndarray]) -> np.ndarray:
-    """(3, D0, D1, D2) float32: channel a holds lines[a] at the position of each voxel along axis a."""
-    shape = tuple(len(p) for p in positions_mm)
+def axis_maps(values: Sequence[np.ndarray]) -> np.ndarray:
+    """(3, D0, D1, D2) float32: channel a holds values[a] along array axis a, constant across the other two."""
+    shape = tuple(len(v) for v in values)
     maps = np.empty((3, *shape), np.float32)
-    for axis, (line, positions) in enumerate(zip(lines, positions_mm)):
+    for axis, along in enumerate(values):
         view = [1, 1, 1]
         view[axis] = shape[axis]
-        maps[axis] = np.broadcast_to(line.at(positions).reshape(view), shape)
+        maps[axis] = np.broadcast_to(np.asarray(along, np.float32).reshape(view), shape)
     return maps
 
 
