@@ -103,7 +103,7 @@ def _is_plain_instance_norm(norm: nn.Module) -> bool:
     return isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
 
 
-def _norm_channels(module: nn.Module) -> int | None:
+def norm_channels(module: nn.Module) -> int | None:
     if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm and InstanceNorm
         return module.num_features
     if isinstance(module, nn.GroupNorm):
@@ -116,7 +116,7 @@ def add_time_conditioning(network: nn.Module, embedding_dim: int, context: TimeC
     wrappers: dict[int, FiLMNorm] = {}  # a norm can have two parents (e.g. `.norm` and `.all_modules[i]`)
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
-            channels = _norm_channels(child)
+            channels = norm_channels(child)
             if channels is not None:
                 if id(child) not in wrappers:
                     wrappers[id(child)] = FiLMNorm(child, channels, embedding_dim, context)
