@@ -312,7 +312,7 @@ def real_ct_ordering(workdir: Path, ct_files: list[Path], bpr_checkpoint: Path) 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_diffusion.bpr.model import load_bpr_from_nnunet_checkpoint
-    from nnunet_diffusion.bpr.training import ordering_spearman
+    from nnunet_diffusion.bpr.coordinates import ordering_spearman
     from nnunet_diffusion.datasets.unlabeled import images_to_dataset
 
     folder = Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{REAL_CT_ID}_RealCT"

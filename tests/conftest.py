@@ -78,6 +78,20 @@ def preprocessed_plans(demo_dataset):
 
 
 @pytest.fixture(scope="session")
+def coordinate_dataset(demo_dataset):
+    """The demo dataset with its image geometry as three coordinate channels (`add-coordinates --geometry`),
+    planned and preprocessed with the cpu_tiny configuration: what the coordinate-guided trainers read."""
+    import os
+    from pathlib import Path
+    from nnunet_diffusion.datasets.coordinates import GeometryCoordinates, add_coordinates_to_dataset
+    from nnunet_runs import Dataset, plan_and_preprocess
+    raw = add_coordinates_to_dataset(demo_dataset.raw, Path(os.environ["nnUNet_raw"]), 994, "DiffusionDemoCoord",
+                                     GeometryCoordinates())
+    plan_and_preprocess(994)
+    return Dataset(994, raw)
+
+
+@pytest.fixture(scope="session")
 def bpr_checkpoint(demo_dataset):
     """A BPR for the demo dataset's plans: nnUNetTrainerBPR trained for one iteration by nnU-Net's loop."""
     from pathlib import Path

@@ -89,29 +89,19 @@ def test_samples_are_equidistant_whole_slices_or_share_one_window():
         sample_equidistant_slices(volume, 0, 4, rng, valid_range=(0, 2))
 
 
-def test_coordinate_map_broadcasts_each_slice_score_over_its_slice():
+def test_slices_of_any_extent_are_scored_at_the_slice_size_and_too_small_ones_are_refused():
     model = build_bpr(BPRConfig(patch_size=(16, 20, 24), features_per_stage=SMALL_FEATURES), seed=0).eval()
-    patch = torch.randn(2, 1, 16, 20, 24) * 300
+    volume = torch.randn(16, 20, 24) * 300
     with torch.no_grad():
-        coordinates = model.coordinate_map(patch)
-        assert coordinates.shape == (2, 3, 16, 20, 24)
-        axial_scores = model.score_slices(patch[1, 0][:, None], 0)
-        sagittal_scores = model.score_slices(patch[1, 0].permute(2, 0, 1)[:, None], 2)
-    assert torch.allclose(coordinates[1, 0, :, 7, 3], axial_scores, atol=1e-5)
-    assert torch.allclose(coordinates[1, 2, 5, 11, :], sagittal_scores, atol=1e-5)
-    assert torch.all(coordinates[:, 1] == coordinates[:, 1, :1, :, :1]), "coronal score constant within a slice"
-    assert torch.equal(model(patch), coordinates), "nnU-Net's forward(image) is the coordinate map"
-
-
-def test_too_small_images_are_refused_with_the_minimum():
-    model = build_bpr(BPRConfig(patch_size=(16, 16, 16), features_per_stage=SMALL_FEATURES), seed=0)
+        axial = model.score_slices(volume[:, None], 0)
+        sagittal = model.score_slices(volume.permute(2, 0, 1)[:, None], 2)
+        assert axial.shape == (16,) and sagittal.shape == (24,)
+        assert torch.allclose(model(volume[:, None], 0), axial)
     assert model.config.min_size == 8
-    with pytest.raises(ValueError, match=r"image too small for the BPR: .*need at least 8"):
-        model.coordinate_map(torch.zeros(1, 1, 4, 16, 16))
-    with pytest.raises(ValueError, match="one image channel"):
-        model.coordinate_map(torch.zeros(1, 2, 16, 16, 16))
     with pytest.raises(ValueError, match=r"slice_size must be 2 sizes of at least 8"):
         BPRConfig(patch_size=(16, 16, 16), slice_size=(4, 64), features_per_stage=SMALL_FEATURES)
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        model.score_slices(volume[None], 0)
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
@@ -120,9 +110,9 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     model = build_bpr(config, seed=5).eval()
     save_bpr(model, tmp_path / "bpr.pth")
     loaded = load_bpr(tmp_path / "bpr.pth", map_location="cpu")
-    patch = torch.randn(1, 1, 16, 16, 16)
+    slices = torch.randn(5, 1, 16, 16)
     with torch.no_grad():
-        assert torch.equal(model.coordinate_map(patch), loaded.coordinate_map(patch))
+        assert torch.equal(model.score_slices(slices, 1), loaded.score_slices(slices, 1))
     assert loaded.config == config and not loaded.training
     torch.save({"network_weights": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a BPR file written by save_bpr"):
@@ -243,4 +233,4 @@ def test_nnunet_trainer_bpr_through_nnunets_cli(tmp_path):
     assert bpr.config.data_identifier == "nnUNetPlans_3d_fullres"
     assert bpr.config.intensity_normalization == "none"
     with torch.no_grad():
-        assert bpr.coordinate_map(torch.randn(1, 1, *bpr.config.patch_size)).shape == (1, 3, *bpr.config.patch_size)
+        assert bpr.score_slices(torch.randn(7, 1, 30, 20), 0).shape == (7,)

@@ -1,4 +1,5 @@
-"""Pretraining trainers: Models Genesis distortions, BPR guidance checks, and short runs through nnU-Net's loop."""
+"""Pretraining trainers: Models Genesis distortions, coordinate-channel checks and augmentation, and short runs
+through nnU-Net's loop."""
 from __future__ import annotations
 
 import json
@@ -7,18 +8,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_diffusion.bpr.model import BPRConfig, build_bpr
-from nnunet_diffusion.pretraining import bpr_guidance
-from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE, EmbeddedBPR, bpr_plans_mismatches
-from nnunet_diffusion.pretraining.network import DIFFUSION, DIFFUSION_BPR, RESTORATIVE
+from nnunet_diffusion.pretraining.coordinate_conditioning import COORDINATES_KEY
+from nnunet_diffusion.pretraining.network import BACKBONES
 from nnunet_diffusion.pretraining.restoration import (bezier_curve, genesis_distort, inpaint, local_shuffle,
                                                       nonlinear_intensity, outpaint)
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
+from nnunet_diffusion.trainers.coordinate_channels import ImageChannelsOnly, check_coordinate_channels
 from nnunet_diffusion.trainers.pretraining import (PRETRAINING_TRAINERS, TIMESTEP_VARIANTS, nnUNetTrainerDiffPretrain,
-                                                   nnUNetTrainerDiffPretrainBPR, nnUNetTrainerDiffPretrainBPRX0,
+                                                   nnUNetTrainerDiffPretrainCoord, nnUNetTrainerDiffPretrainCoordX0,
                                                    nnUNetTrainerDiffPretrainX0)
 from nnunet_diffusion.trainers.probes import PROBE_TRAINERS
 from nnunet_runs import CONFIGURATION, PLANS, predict, train_in_process
@@ -31,7 +30,7 @@ TRAINER_NAMES = [cls.__name__ for cls in PRETRAINING_TRAINERS + PROBE_TRAINERS]
 def test_names_are_safe_and_every_backbone_has_its_probe_trainers():
     assert all("__" not in name for name in TRAINER_NAMES)
     assert len(set(TRAINER_NAMES)) == len(TRAINER_NAMES)
-    for spec in (DIFFUSION, DIFFUSION_BPR, RESTORATIVE):
+    for spec in BACKBONES:
         assert spec.pretraining_trainer in TRAINER_NAMES
         assert set(spec.probe_trainers) <= set(TRAINER_NAMES)
 
@@ -39,17 +38,18 @@ def test_names_are_safe_and_every_backbone_has_its_probe_trainers():
 def test_timestep_ablation_variants_carry_their_T_into_the_network(preprocessed_plans):
     plans_manager, configuration_manager = preprocessed_plans
     assert sorted(cls.num_timesteps for cls in TIMESTEP_VARIANTS) == [1, 1, 3, 3, 30, 30, 100, 100, 1000, 1000]
-    assert nnUNetTrainerDiffPretrainBPR.num_timesteps == nnUNetTrainerDiffPretrain.num_timesteps == 10
+    assert nnUNetTrainerDiffPretrainCoord.num_timesteps == nnUNetTrainerDiffPretrain.num_timesteps == 10
     for cls in TIMESTEP_VARIANTS:
         assert cls.__name__.endswith(f"_T{cls.num_timesteps}")
-        assert cls.__name__.startswith(next(b.__name__ for b in (nnUNetTrainerDiffPretrainBPRX0,
-                                                                nnUNetTrainerDiffPretrainBPR) if issubclass(cls, b)))
-        network = cls.build_network_architecture(plans_manager, configuration_manager, 1, 3, False)
+        assert cls.__name__.startswith(next(b.__name__ for b in (nnUNetTrainerDiffPretrainCoordX0,
+                                                                nnUNetTrainerDiffPretrainCoord) if issubclass(cls, b)))
+        network = cls.build_network_architecture(plans_manager, configuration_manager, 4, 3, False)
         assert int(network.num_timesteps) == cls.num_timesteps
 
 
 class _IdentityDenoiser:
     """Stands in for the network: returns the clean patch, whatever the noisy input."""
+    num_image_channels = 1
 
     def __call__(self, data: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return data
@@ -66,10 +66,10 @@ def test_x0_pretraining_regresses_the_clean_patch_and_epsilon_pretraining_the_no
     assert ("x0" in trainer.objective) == perfect
 
 
-@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerDiffPretrainBPRX0", "nnUNetTrainerRestorePretrain"])
-def test_self_supervised_trainers_draw_patches_at_random_not_by_label(demo_dataset, trainer_name):
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerDiffPretrainCoordX0", "nnUNetTrainerRestorePretrainCoord"])
+def test_self_supervised_trainers_draw_patches_at_random_not_by_label(coordinate_dataset, trainer_name):
     from nnunetv2.run.run_training import get_trainer_from_args
-    trainer = get_trainer_from_args(str(demo_dataset.dataset_id), CONFIGURATION, 0, trainer_name, PLANS,
+    trainer = get_trainer_from_args(str(coordinate_dataset.dataset_id), CONFIGURATION, 0, trainer_name, PLANS,
                                     device=torch.device("cpu"))
     assert trainer.oversample_foreground_percent == 0.0
 
@@ -124,81 +124,67 @@ def test_genesis_distort_changes_each_sample_but_not_the_input():
     assert all(not torch.equal(d, b) for d, b in zip(distorted, batch))
 
 
-# --- BPR guidance -----------------------------------------------------------------------------------------------------
+# --- coordinate channels -------------------------------------------------------------------------------------------
 
-def test_bpr_variable_unset_or_pointing_nowhere_gives_clear_errors(tmp_path):
-    arguments = (PLANS, CONFIGURATION, "nnUNetPlans_3d_fullres", (32, 32, 32), (1.0, 1.0, 1.0))
-    with pytest.raises(RuntimeError, match=f"{BPR_CHECKPOINT_VARIABLE} is not set.*nnUNetTrainerBPR"):
-        bpr_guidance.load_guidance_bpr(*arguments, environment={})
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        bpr_guidance.load_guidance_bpr(*arguments, environment={BPR_CHECKPOINT_VARIABLE: str(tmp_path / "no.pth")})
-
-
-def test_a_bpr_trained_on_other_plans_is_refused_with_the_differences_named(bpr_checkpoint):
-    environment = {BPR_CHECKPOINT_VARIABLE: str(bpr_checkpoint)}
-    bpr = bpr_guidance.load_guidance_bpr(PLANS, CONFIGURATION, "nnUNetPlans_3d_fullres", (32, 32, 32),
-                                         (1.0, 1.0, 1.0), environment=environment)
-    assert bpr.config.plans_identifier == PLANS
-    with pytest.raises(ValueError, match=r"plans 'nnUNetPlansCPU' \(here 'nnUNetPlans'\).*patch size"):
-        bpr_guidance.load_guidance_bpr("nnUNetPlans", "3d_fullres", "nnUNetPlans_3d_fullres", (48, 48, 48),
-                                       (1.0, 1.0, 1.0), environment=environment)
-    config = BPRConfig(patch_size=(64, 64, 64), plans_identifier="nnUNetPlans", data_identifier="nnUNetPlans_2d",
-                       spacing=(2.0, 1.0, 1.0))
-    problems = bpr_plans_mismatches(config, PLANS, "nnUNetPlans_3d_fullres", [32, 32, 32], [1.0, 1.0, 1.0])
-    assert [p.split()[0] for p in problems] == ["plans", "preprocessed", "patch", "spacing"]
+def test_datasets_with_and_without_coordinate_channels_are_refused_by_the_wrong_trainers():
+    plain = {"channel_names": {"0": "CT"}}
+    with_coordinates = {"channel_names": {"0": "CT", "1": "noNorm", "2": "noNorm", "3": "noNorm"},
+                        COORDINATES_KEY: {"channels": [1, 2, 3]}}
+    check_coordinate_channels(plain, False, "T")
+    check_coordinate_channels(with_coordinates, True, "T")
+    with pytest.raises(ValueError, match="T reads anatomical coordinates .* add-coordinates"):
+        check_coordinate_channels(plain, True, "T")
+    with pytest.raises(ValueError, match="would treat as image channels: use its coordinate variant"):
+        check_coordinate_channels(with_coordinates, False, "T")
+    with pytest.raises(ValueError, match="must be the last 3"):
+        check_coordinate_channels({**with_coordinates, COORDINATES_KEY: {"channels": [0, 1, 2]}}, True, "T")
 
 
-def test_embedded_bpr_takes_weights_and_intensity_settings_and_restores_them_from_a_state_dict():
-    trained = build_bpr(BPRConfig(patch_size=(16, 16, 16), intensity_normalization="none"), seed=3).eval()
-    embedded = EmbeddedBPR((16, 16, 16))
-    assert embedded.model.config.intensity_normalization == "ct_window" and not bool(embedded.loaded)
-    embedded.load_from(trained)
-    patch = torch.randn(1, 1, 16, 16, 16)
-    assert torch.equal(embedded(patch), trained.coordinate_map(patch).detach())
-    copy = EmbeddedBPR((16, 16, 16))
-    copy.load_state_dict(embedded.state_dict())
-    assert copy.model.config.intensity_normalization == "none" and bool(copy.loaded)
-    copy.train()
-    assert not copy.training and not any(p.requires_grad for p in copy.parameters())
+def test_coordinate_backbones_noise_the_image_channels_only(preprocessed_plans):
+    network = nnUNetTrainerDiffPretrainCoordX0.build_network_architecture(*preprocessed_plans, 4, 1, False)
+    assert network.num_image_channels == 1 and network.unet.decoder.seg_layers[-1].out_channels == 1
+    first = network.unet.encoder.stages[0][0].convs[0].conv
+    assert first.in_channels == 4  # the noisy image and the three coordinates
+    with pytest.raises(ValueError, match="needs image channels besides the 3 coordinate channels"):
+        nnUNetTrainerDiffPretrainCoord.build_network_architecture(*preprocessed_plans, 3, 1, False)
 
 
-def test_embedded_bpr_refuses_a_bpr_of_another_architecture():
-    other = build_bpr(BPRConfig(patch_size=(16, 16, 16), features_per_stage=(8, 16)), seed=0)
-    with pytest.raises(ValueError, match="features_per_stage"):
-        EmbeddedBPR((16, 16, 16)).load_from(other)
+def test_intensity_augmentation_leaves_the_coordinate_channels_alone():
+    transforms = nnUNetTrainerDiffPretrainCoord.get_training_transforms(
+        (16, 16, 16), (0.0, 0.0), None, (0, 1, 2), False, use_mask_for_norm=[False] * 4,
+        foreground_labels=[1, 2])
+    wrapped = [t for t in transforms.transforms if isinstance(t, ImageChannelsOnly)]
+    assert len(wrapped) >= 5
+    torch.manual_seed(0)
+    image, coordinates = torch.randn(1, 16, 16, 16), torch.rand(3, 16, 16, 16) * 5
+    sample = {"image": torch.cat([image, coordinates]), "segmentation": torch.zeros(1, 16, 16, 16)}
+    for transform in wrapped:
+        out = transform.transform.transform(**{"image": image.clone()})  # what it does to the image alone
+        changed = transform(**{k: v.clone() for k, v in sample.items()})
+        assert torch.equal(changed["image"][1:], coordinates)
+        assert changed["image"].shape == sample["image"].shape and out["image"].shape == image.shape
+    plain = nnUNetTrainerDiffPretrain.get_training_transforms((16, 16, 16), (0.0, 0.0), None, (0, 1, 2), False,
+                                                              use_mask_for_norm=[False], foreground_labels=[1, 2])
+    assert not any(isinstance(t, ImageChannelsOnly) for t in plain.transforms)
 
 
-def test_bpr_guidance_refuses_small_patches_and_several_channels(preprocessed_plans):
-    plans_manager, configuration_manager = preprocessed_plans
-    with pytest.raises(ValueError, match="single image channel"):
-        nnUNetTrainerDiffPretrainBPR.build_network_architecture(plans_manager, configuration_manager, 2, 1, False)
-    plans = json.loads(json.dumps(plans_manager.plans))
-    plans["configurations"][CONFIGURATION]["patch_size"] = [4, 32, 32]
-    small = PlansManager(plans)
-    with pytest.raises(ValueError, match="too small for the BPR"):
-        nnUNetTrainerDiffPretrainBPR.build_network_architecture(small, small.get_configuration(CONFIGURATION), 1, 1,
-                                                                False)
-
-
-def test_bpr_pretraining_without_the_variable_stops_before_training(demo_dataset, monkeypatch):
-    monkeypatch.delenv(BPR_CHECKPOINT_VARIABLE, raising=False)
-    with pytest.raises(RuntimeError, match=BPR_CHECKPOINT_VARIABLE):
-        train_in_process(demo_dataset, "nnUNetTrainerDiffPretrainBPR", iterations=1)
+def test_a_coordinate_trainer_on_a_dataset_without_coordinates_stops_before_training(demo_dataset):
+    with pytest.raises(ValueError, match="reads anatomical coordinates"):
+        train_in_process(demo_dataset, "nnUNetTrainerDiffPretrainCoord", iterations=1)
 
 
 # --- short trainings through nnU-Net -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pretrained(demo_dataset, bpr_checkpoint):
+def pretrained(demo_dataset, coordinate_dataset):
     """Each base pretraining trainer, the x0 variant and one timestep variant, trained for one iteration by
-    nnU-Net's loop (found by nnU-Net's lookup)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(BPR_CHECKPOINT_VARIABLE, str(bpr_checkpoint))
-        return {name: train_in_process(demo_dataset, name, iterations=1, validate=True) for name in PRETRAINED}
+    nnU-Net's loop (found by nnU-Net's lookup); the coordinate ones on the dataset with coordinate channels."""
+    return {name: train_in_process(coordinate_dataset if "Coord" in name else demo_dataset, name, iterations=1,
+                                   validate=True) for name in PRETRAINED}
 
 
-PRETRAINED = ["nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerDiffPretrainBPRX0_T30", "nnUNetTrainerDiffPretrain",
-              "nnUNetTrainerRestorePretrain"]
+PRETRAINED = ["nnUNetTrainerDiffPretrainCoord", "nnUNetTrainerDiffPretrainCoordX0_T30", "nnUNetTrainerDiffPretrain",
+              "nnUNetTrainerRestorePretrain", "nnUNetTrainerRestorePretrainCoord"]
 
 
 @pytest.mark.parametrize("trainer_name", PRETRAINED)
@@ -214,22 +200,13 @@ def test_pretraining_logs_nnunet_keys_and_writes_a_self_contained_checkpoint(pre
     weights = checkpoint["network_weights"]
     assert bool(weights["holds_pretrained_weights"])
     assert all(t.device.type == "cpu" for t in weights.values())
-    if trainer_name.startswith("nnUNetTrainerDiffPretrainBPR"):
-        assert bool(weights["bpr.loaded"]) and any(k.startswith("bpr.model.trunk") for k in weights)
-        assert not any(p.requires_grad for p in trainer.network.bpr.parameters())
+    modulations = [k for k in weights if k.endswith("to_scale_shift.weight") and weights[k].shape[-1] == 3]
+    assert bool(modulations) == ("Coord" in trainer_name)
     with open(f"{trainer.output_folder}/validation/pretext_validation.json") as file:
         summary = json.load(file)
     assert summary["final_val_loss"] == pytest.approx(log["val_losses"][-1])
     assert summary["objective"] == trainer.objective
     assert all(name in summary["usage"] for name in trainer.backbone.probe_trainers)
-
-
-def test_bpr_pretraining_keeps_the_bpr_frozen_while_the_denoiser_learns(pretrained, bpr_checkpoint):
-    weights = torch.load(f"{pretrained['nnUNetTrainerDiffPretrainBPR'].output_folder}/checkpoint_final.pth",
-                         weights_only=False)["network_weights"]
-    original = bpr_guidance.load_bpr_from_nnunet_checkpoint(bpr_checkpoint)
-    for name, value in original.named_parameters():
-        assert torch.equal(weights[f"bpr.model.{name}"], value)
 
 
 def test_stock_predict_on_a_pretraining_checkpoint_stops_and_says_to_train_a_probe(demo_dataset, pretrained,

@@ -10,26 +10,23 @@ import SimpleITK as sitk
 import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
 from nnunet_diffusion.pretraining.cached_probing import cached_features, tile_starts, train_head_on_cached
 from nnunet_diffusion.pretraining.heads import (LinearProbeHead, NonLinearProbeHead, concatenated_levels,
                                                 head_on_voxels)
 from nnunet_diffusion.trainers.pretraining import PRETRAINING_TRAINERS, nnUNetTrainerDiffPretrain, nnUNetTrainerRestorePretrain
 from nnunet_diffusion.pretraining.network import decoder_level_channels
 from nnunet_diffusion.trainers.probes import (PROBE_TRAINERS, nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinear,
-                                              nnUNetTrainerProbeNonLinearBPR)
+                                              nnUNetTrainerProbeNonLinearCoord)
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_runs import CONFIGURATION, PLANS, model_folder, predict, train_in_process
 
 TRAINERS_BY_NAME = {cls.__name__: cls for cls in PRETRAINING_TRAINERS + PROBE_TRAINERS}
-BPR_PROBES = ["nnUNetTrainerProbeNonLinearBPR", "nnUNetTrainerProbeLinearBPR", "nnUNetTrainerFinetuneBPR"]
+COORD_PROBES = ["nnUNetTrainerProbeNonLinearCoord", "nnUNetTrainerProbeLinearCoord", "nnUNetTrainerFinetuneCoord"]
 
 
 @pytest.fixture(scope="module")
-def bpr_pretraining_checkpoint(demo_dataset, bpr_checkpoint) -> Path:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(BPR_CHECKPOINT_VARIABLE, str(bpr_checkpoint))
-        trainer = train_in_process(demo_dataset, "nnUNetTrainerDiffPretrainBPR", iterations=1)
+def coordinate_pretraining_checkpoint(coordinate_dataset) -> Path:
+    trainer = train_in_process(coordinate_dataset, "nnUNetTrainerDiffPretrainCoord", iterations=1)
     return Path(trainer.output_folder) / "checkpoint_final.pth"
 
 
@@ -159,15 +156,15 @@ def test_training_on_cached_features_changes_only_the_head_and_lowers_the_loss(p
 def test_probe_backbone_keys_are_those_of_its_pretraining_network_and_only_the_head_is_new(probe_class,
                                                                                         preprocessed_plans):
     pretraining_class = TRAINERS_BY_NAME[probe_class.backbone.pretraining_trainer]
-    pretrained = pretraining_class.build_network_architecture(*preprocessed_plans, 1, 1, False).state_dict()
-    probe = probe_class.build_network_architecture(*preprocessed_plans, 1, 3, False)
+    channels = 4 if probe_class.backbone.coordinates else 1
+    pretrained = pretraining_class.build_network_architecture(*preprocessed_plans, channels, 1, False).state_dict()
+    probe = probe_class.build_network_architecture(*preprocessed_plans, channels, 3, False)
     for key, value in probe.state_dict().items():
         if ".seg_layers." in key:
             continue
         assert key in pretrained and pretrained[key].shape == value.shape, key
     trainable = {name for name, p in probe.named_parameters() if p.requires_grad}
     assert all(".seg_layers." in name for name, _ in probe.head.named_parameters(prefix="head"))
-    assert not any(name.startswith("bpr.") for name in trainable)
     if probe_class.freeze_backbone:
         assert trainable == {name for name, _ in probe.head.named_parameters(prefix="head")}
         probe.train()
@@ -180,8 +177,8 @@ def test_probe_backbone_keys_are_those_of_its_pretraining_network_and_only_the_h
 
 def test_a_checkpoint_of_another_pretraining_is_refused_naming_the_key(preprocessed_plans, tmp_path):
     restorative = fabricated_checkpoint(nnUNetTrainerRestorePretrain, preprocessed_plans, tmp_path / "r.pth")
-    probe = nnUNetTrainerProbeNonLinearBPR.build_network_architecture(*preprocessed_plans, 1, 3, False)
-    with pytest.raises(AssertionError, match=r"[Kk]ey (unet|bpr|time_embedding|num_timesteps)\S*"):
+    probe = nnUNetTrainerProbeNonLinearCoord.build_network_architecture(*preprocessed_plans, 4, 3, False)
+    with pytest.raises(AssertionError, match=r"[Kk]ey (unet|time_embedding|num_timesteps)\S*"):
         load_pretrained_weights(probe, str(restorative))
 
 
@@ -191,33 +188,32 @@ def test_a_probe_on_a_dataset_with_other_input_channels_is_refused_naming_the_fi
     probe = nnUNetTrainerProbeLinear.build_network_architecture(*preprocessed_plans, 2, 3, False)
     with pytest.raises(AssertionError, match="unet.encoder.stages.0.0.convs.0.conv.weight"):
         load_pretrained_weights(probe, str(one_channel))
-    with pytest.raises(ValueError, match="single image channel"):
-        nnUNetTrainerProbeNonLinearBPR.build_network_architecture(*preprocessed_plans, 2, 3, False)
+    with pytest.raises(ValueError, match="needs image channels besides the 3 coordinate channels"):
+        nnUNetTrainerProbeNonLinearCoord.build_network_architecture(*preprocessed_plans, 3, 3, False)
 
 
-def test_a_probe_without_pretrained_weights_stops_before_training(demo_dataset):
-    with pytest.raises(RuntimeError, match="-pretrained_weights .*nnUNetTrainerDiffPretrainBPR"):
-        train_with_pretrained_weights(demo_dataset, "nnUNetTrainerProbeNonLinearBPR", None)
+def test_a_probe_without_pretrained_weights_stops_before_training(coordinate_dataset):
+    with pytest.raises(RuntimeError, match="-pretrained_weights .*nnUNetTrainerDiffPretrainCoord"):
+        train_with_pretrained_weights(coordinate_dataset, "nnUNetTrainerProbeNonLinearCoord", None)
 
 
 # --- pretraining checkpoint → probe / fine-tuning → stock prediction -----------------------------------------------
 
 @pytest.fixture(scope="module")
-def probed(demo_dataset, bpr_pretraining_checkpoint):
-    return {name: train_with_pretrained_weights(demo_dataset, name, bpr_pretraining_checkpoint)
-            for name in BPR_PROBES}
+def probed(coordinate_dataset, coordinate_pretraining_checkpoint):
+    return {name: train_with_pretrained_weights(coordinate_dataset, name, coordinate_pretraining_checkpoint)
+            for name in COORD_PROBES}
 
 
-@pytest.mark.parametrize("trainer_name", BPR_PROBES)
-def test_probing_trains_the_head_only_and_fine_tuning_everything_but_the_bpr(probed, bpr_pretraining_checkpoint,
-                                                                            trainer_name):
+@pytest.mark.parametrize("trainer_name", COORD_PROBES)
+def test_probing_trains_the_head_only_and_fine_tuning_everything(probed, coordinate_pretraining_checkpoint,
+                                                                 trainer_name):
     trainer, loaded = probed[trainer_name]
-    pretrained = torch.load(bpr_pretraining_checkpoint, weights_only=False)["network_weights"]
+    pretrained = torch.load(coordinate_pretraining_checkpoint, weights_only=False)["network_weights"]
     final = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", weights_only=False)["network_weights"]
     backbone = [k for k in final if ".seg_layers." not in k]
     head = [k for k in final if k.startswith("head.")]
     assert all(torch.equal(loaded[k], pretrained[k]) for k in backbone)  # -pretrained_weights filled the backbone
-    assert all(torch.equal(final[k], pretrained[k]) for k in backbone if k.startswith("bpr."))
     assert any(not torch.equal(final[k], loaded[k]) for k in head)
     weights_changed = [not torch.equal(final[k], pretrained[k]) for k in backbone if k.startswith("unet.")]
     assert any(weights_changed) != trainer.freeze_backbone  # frozen backbones are bit-identical
@@ -226,9 +222,11 @@ def test_probing_trains_the_head_only_and_fine_tuning_everything_but_the_bpr(pro
     assert trainer.logger.get_value("lrs", step=0) == trainer.learning_rate
 
 
-def test_the_probe_predicts_with_stock_nnunetv2_predict(demo_dataset, probed, tmp_path):
-    predict(demo_dataset, "nnUNetTrainerProbeNonLinearBPR", tmp_path / "pred", extra=["--disable_tta"])
-    for image in sorted(demo_dataset.test_images.glob("*.nii.gz")):
+def test_the_probe_predicts_with_stock_nnunetv2_predict(coordinate_dataset, probed, tmp_path):
+    """The test images of the coordinate dataset carry their coordinate channels, as add-coordinates writes them
+    for new images."""
+    predict(coordinate_dataset, "nnUNetTrainerProbeNonLinearCoord", tmp_path / "pred", extra=["--disable_tta"])
+    for image in sorted(coordinate_dataset.test_images.glob("*_0000.nii.gz")):
         prediction = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))
         assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()
         assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}

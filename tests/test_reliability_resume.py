@@ -22,12 +22,13 @@ from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoi
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS
-from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
-from nnunet_diffusion.pretraining.network import DIFFUSION, DIFFUSION_BPR, RESTORATIVE
+from nnunet_diffusion.pretraining.network import BACKBONES
+from nnunet_diffusion.trainers.finetune import FINETUNE_FROM_VARIABLE, FINETUNE_TRAINERS
 from nnunet_diffusion.trainers.probes import PROBE_TRAINERS
 from nnunet_diffusion.trainers.segmentation import STRATEGY_TRAINERS
 from nnunet_runs import CONFIGURATION, PLANS, Dataset, model_folder, train_in_process
 
+FINETUNE_NAMES = {cls.__name__ for cls in FINETUNE_TRAINERS}
 RESUME_FOLD = 2  # folds this module trains in, apart from those other modules use
 MODEL_FOLD = 3
 CPU = torch.device("cpu")
@@ -60,7 +61,7 @@ def _two_epoch_trainer(dataset: Dataset, name: str) -> nnUNetTrainer:
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
-    """Equal state dicts; entries that are not tensors (a module's extra state, e.g. the BPR's config) by ==."""
+    """Equal state dicts; entries that are not tensors (a module's extra state, e.g. a BPR's config) by ==."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
                                         for k in a)
 
@@ -79,39 +80,50 @@ def _log(trainer: nnUNetTrainer) -> dict[str, list]:
 RESUMED_TRAINERS = [
     *(cls.__name__ for cls in STRATEGY_TRAINERS), "nnUNetTrainerDiffRecycleNoTime", "nnUNetTrainerDiffRecycleFocal",
     "nnUNetTrainerDiffRecycleDS", "nnUNetTrainerDiffRecycleAllT", "nnUNetTrainerDiffRecycleImportance",
-    "nnUNetTrainerBPR", "nnUNetTrainerDiffPretrain", "nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerRestorePretrain",
-    *(cls.__name__ for cls in PROBE_TRAINERS)]
+    "nnUNetTrainerBPR", "nnUNetTrainerDiffPretrain", "nnUNetTrainerDiffPretrainCoord", "nnUNetTrainerRestorePretrain",
+    "nnUNetTrainerRestorePretrainCoord", *(cls.__name__ for cls in PROBE_TRAINERS), "nnUNetTrainerDiffRecycleFinetune"]
+
+
+def _dataset_of(trainer_name: str, request: pytest.FixtureRequest) -> Dataset:
+    """Coordinate trainers read the demo dataset with coordinate channels, the others the demo dataset."""
+    return request.getfixturevalue("coordinate_dataset" if "Coord" in trainer_name else "demo_dataset")
 
 
 @pytest.fixture(scope="module")
-def pretraining_checkpoints(demo_dataset, bpr_checkpoint) -> dict[str, Path]:
+def stock_checkpoint(demo_dataset) -> Path:
+    """A one-iteration nnUNetTrainer model, the start of the fine-tuning trainers."""
+    return Path(train_in_process(demo_dataset, "nnUNetTrainer", iterations=1, fold=MODEL_FOLD).output_folder) / \
+        "checkpoint_final.pth"
+
+
+@pytest.fixture(scope="module")
+def pretraining_checkpoints(request) -> dict[str, Path]:
     """A one-iteration checkpoint of each pretraining trainer, for the probes' `-pretrained_weights`."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(BPR_CHECKPOINT_VARIABLE, str(bpr_checkpoint))
-        return {spec.pretraining_trainer: Path(train_in_process(demo_dataset, spec.pretraining_trainer, iterations=1,
-                                                                fold=MODEL_FOLD).output_folder)
-                / "checkpoint_final.pth" for spec in (DIFFUSION, DIFFUSION_BPR, RESTORATIVE)}
+    return {spec.pretraining_trainer: Path(train_in_process(_dataset_of(spec.pretraining_trainer, request),
+                                                            spec.pretraining_trainer, iterations=1,
+                                                            fold=MODEL_FOLD).output_folder)
+            / "checkpoint_final.pth" for spec in BACKBONES}
 
 
 def _pretrained_weights(trainer_name: str, request: pytest.FixtureRequest) -> str | None:
     """What `nnUNetv2_train -pretrained_weights` gets for this trainer: a probe needs its backbone's checkpoint."""
-    backbone = next((spec for spec in (DIFFUSION, DIFFUSION_BPR, RESTORATIVE) if trainer_name in spec.probe_trainers),
-                    None)
+    backbone = next((spec for spec in BACKBONES if trainer_name in spec.probe_trainers), None)
     if backbone is None:
         return None
     return str(request.getfixturevalue("pretraining_checkpoints")[backbone.pretraining_trainer])
 
 
 @pytest.mark.parametrize("trainer_name", RESUMED_TRAINERS)
-def test_a_run_killed_after_an_epoch_resumes_exactly_where_it_stopped(demo_dataset, bpr_checkpoint, trainer_name,
-                                                                      request, monkeypatch, tmp_path):
+def test_a_run_killed_after_an_epoch_resumes_exactly_where_it_stopped(trainer_name, request, monkeypatch, tmp_path):
+    dataset = _dataset_of(trainer_name, request)  # planned before nnUNet_n_proc_DA=0, which planning refuses
+    pretrained_weights = _pretrained_weights(trainer_name, request)
+    if trainer_name in FINETUNE_NAMES:  # a resumed fine-tuning continues from its checkpoint, not the stock model
+        monkeypatch.setenv(FINETUNE_FROM_VARIABLE, str(request.getfixturevalue("stock_checkpoint")))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # augmentation in this process, from the RNGs seeded above
     monkeypatch.setenv(ENV_STEPS, "1")  # a cheaper validation; its noise still comes from torch's RNG
-    monkeypatch.setenv(BPR_CHECKPOINT_VARIABLE, str(bpr_checkpoint))
-    pretrained_weights = _pretrained_weights(trainer_name, request)
-    fold_folder = model_folder(demo_dataset, trainer_name) / f"fold_{RESUME_FOLD}"
+    fold_folder = model_folder(dataset, trainer_name) / f"fold_{RESUME_FOLD}"
     shutil.rmtree(fold_folder, ignore_errors=True)
-    uninterrupted = _two_epoch_trainer(demo_dataset, trainer_name)
+    uninterrupted = _two_epoch_trainer(dataset, trainer_name)
     maybe_load_checkpoint(uninterrupted, continue_training=False, validation_only=False,
                           pretrained_weights_file=pretrained_weights)  # nnUNetv2_train ... [-pretrained_weights]
     after_first_epoch: dict = {}
@@ -129,7 +141,7 @@ def test_a_run_killed_after_an_epoch_resumes_exactly_where_it_stopped(demo_datas
 
     shutil.rmtree(fold_folder)
     shutil.copytree(tmp_path / "killed", fold_folder)
-    resumed = _two_epoch_trainer(demo_dataset, trainer_name)  # a fresh process builds it the same way
+    resumed = _two_epoch_trainer(dataset, trainer_name)  # a fresh process builds it the same way
     # nnUNetv2_train ... --c (nnU-Net refuses --c together with -pretrained_weights: the checkpoint holds them)
     maybe_load_checkpoint(resumed, continue_training=True, validation_only=False)
     assert resumed.current_epoch == 1

@@ -43,7 +43,7 @@ def test_precision_is_autocast_on_cuda_only_and_validation_values_stay_local_wit
 
 
 @pytest.mark.parametrize("trainer_name", ["nnUNetTrainerDiffRecycle", "nnUNetTrainerBPR",
-                                          "nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerProbeNonLinear"])
+                                          "nnUNetTrainerDiffPretrain", "nnUNetTrainerProbeNonLinear"])
 def test_every_family_refuses_a_cascaded_configuration_with_the_fix(demo_dataset, trainer_name):
     folder = os.path.join(os.environ["nnUNet_preprocessed"], demo_dataset.name)
     with open(os.path.join(folder, f"{PLANS}.json")) as f:

@@ -2,12 +2,12 @@
 
 A score is an anatomical coordinate along one axis in units of `mm_per_unit` millimetres (100 mm by default,
 so scores stay O(1) as network inputs): training asks consecutive equidistant slices to differ by
-Δmm / mm_per_unit. Scores are defined up to an additive constant per axis and per in-plane window, as in SSBR /
-bpreg; a weak L2 term keeps them near zero.
+Δmm / mm_per_unit. Scores are defined up to an additive constant per axis, as in SSBR / bpreg; a weak L2 term
+keeps them near zero. `bpr.coordinates` turns the scores of a case's whole slices into its coordinates.
 
 Axes are array axes 0, 1, 2 of the data the BPR sees, named axial / coronal / sagittal for (z, y, x) arrays as
 SimpleITK returns them. nnU-Net may transpose axes during preprocessing (plans' transpose_forward): a BPR trained
-inside nnU-Net follows nnU-Net's array axes, which is what the pretraining network sees.
+inside nnU-Net follows nnU-Net's array axes.
 """
 from __future__ import annotations
 
@@ -155,35 +155,9 @@ class BPRModel(nn.Module):
         features = self.trunk(slices).mean(dim=(2, 3))
         return self.axis_heads(self.hidden(features))[:, axis]
 
-    def forward(self, images: torch.Tensor, axis: int | None = None) -> torch.Tensor:
-        """With `axis`: score_slices(images, axis). Without: coordinate_map(images) (the form nnU-Net calls)."""
-        return self.coordinate_map(images) if axis is None else self.score_slices(images, axis)
-
-    def check_patch(self, patch: torch.Tensor) -> None:
-        if patch.ndim != 5 or patch.shape[1] != 1:
-            raise ValueError(f"the BPR expects (B, 1, Z, Y, X) patches with one image channel, "
-                             f"got shape {tuple(patch.shape)}")
-        spatial = tuple(patch.shape[2:])
-        if min(spatial) < self.config.min_size:
-            raise ValueError(f"image too small for the BPR: spatial shape {spatial}, need at least "
-                             f"{self.config.min_size} voxels per axis (pad or use a larger patch)")
-
-    def coordinate_map(self, patch: torch.Tensor, max_slices_per_pass: int = 512) -> torch.Tensor:
-        """(B, 1, Z, Y, X) → (B, 3, Z, Y, X): channel a holds each slice's axis-a score, broadcast over the slice.
-
-        Slices are scored in chunks of `max_slices_per_pass` to bound memory on large patches.
-        """
-        self.check_patch(patch)
-        batch, spatial = patch.shape[0], patch.shape[2:]
-        maps = []
-        for axis in range(3):
-            stacked = patch[:, 0].movedim(1 + axis, 1)  # (B, A, other two axes)
-            slices = stacked.reshape(-1, 1, *stacked.shape[2:])
-            scores = torch.cat([self.score_slices(chunk, axis) for chunk in slices.split(max_slices_per_pass)])
-            view = [batch, 1, 1, 1, 1]
-            view[2 + axis] = spatial[axis]
-            maps.append(scores.reshape(view).expand(batch, 1, *spatial))
-        return torch.cat(maps, dim=1)
+    def forward(self, slices: torch.Tensor, axis: int) -> torch.Tensor:
+        """score_slices: what the BPR trainer calls through nnU-Net's (possibly DDP-wrapped) network."""
+        return self.score_slices(slices, axis)
 
 
 def build_bpr(config: BPRConfig, seed: int | None = None) -> BPRModel:

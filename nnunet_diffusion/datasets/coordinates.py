@@ -27,12 +27,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_diffusion.bpr.coordinates import axis_maps
+from nnunet_diffusion.pretraining.coordinate_conditioning import (COORDINATE_CHANNEL_NAME, COORDINATE_CHANNELS,
+                                                                  COORDINATES_KEY)
 from nnunet_diffusion.datasets.staging import (add_raw_root_argument, check_dataset_name, raw_root_argument,
                                                staged_dataset)
 
-COORDINATE_CHANNEL_NAME = "noNorm"
-COORDINATE_CHANNELS = 3
-COORDINATES_KEY = "coordinate_channels"
 MM_PER_UNIT = 100.0
 
 

@@ -18,7 +18,10 @@ from torch import nn
 
 from nnunet_diffusion.core.network import FiLMNorm, norm_channels
 
-COORDINATE_CHANNELS = 3
+COORDINATE_CHANNELS = 3  # the last three image channels of a dataset written by `nnunet-diffusion add-coordinates`
+COORDINATES_KEY = "coordinate_channels"  # its dataset.json entry
+COORDINATE_CHANNEL_NAME = "noNorm"  # its channel names: nnU-Net leaves their values as they are
+COORDINATE_INIT_STD = 0.1  # the modulation's start: features carry position, normalised activations dominate
 
 
 class CoordinateContext:
@@ -84,3 +87,21 @@ def add_coordinate_conditioning(network: nn.Module, context: CoordinateContext, 
     if not wrappers:
         raise ValueError(f"{type(network).__name__} has no normalisation layer to modulate with coordinates")
     return len(wrappers)
+
+
+def coordinate_channel_problem(dataset_json: dict, reads_coordinates: bool, trainer_name: str) -> str | None:
+    """What is wrong with a dataset for a trainer that does (or does not) read coordinate channels, or None."""
+    entry = dataset_json.get(COORDINATES_KEY)
+    channels = len(dataset_json.get("channel_names", {}))
+    if reads_coordinates and entry is None:
+        return (f"{trainer_name} reads anatomical coordinates from the dataset's last {COORDINATE_CHANNELS} channels, "
+                f"and this dataset has none: add them with `nnunet-diffusion add-coordinates` (a BPR or the image "
+                f"geometry), plan and preprocess the new dataset, and train on it")
+    if entry is not None and not reads_coordinates:
+        return (f"the dataset's last {COORDINATE_CHANNELS} channels are anatomical coordinates, which "
+                f"{trainer_name} would treat as image channels: use its coordinate variant (…Coord)")
+    if entry is not None and list(entry.get("channels", [])) != list(range(channels - COORDINATE_CHANNELS, channels)):
+        return (f"dataset.json's {COORDINATES_KEY} names channels {entry.get('channels')}, but coordinates must be "
+                f"the last {COORDINATE_CHANNELS} of the {channels}: rewrite the dataset with `nnunet-diffusion "
+                f"add-coordinates`")
+    return None

@@ -1,8 +1,10 @@
 """Pretraining networks and the probe networks that reuse them through nnU-Net's `-pretrained_weights`.
 
 Both are built on `PretrainedBackbone`: nnU-Net's planned UNet (optionally time-conditioned with FiLM, as the
-diffusion segmentation networks are) plus, for BPR guidance, a frozen embedded BPR whose coordinate map is
-concatenated to the UNet input. A probe network is the same backbone (identical state-dict keys) plus a head
+diffusion segmentation networks are) and, for coordinate-guided backbones, the dataset's last three channels
+(anatomical coordinates from `nnunet-diffusion add-coordinates`) as extra UNet inputs and as a per-voxel
+modulation after every normalisation layer (`coordinate_conditioning.py`); only the image channels are noised or
+distorted. A probe network is the same backbone (identical state-dict keys) plus a head
 under `head.seg_layers.*`, so `load_pretrained_weights` copies every backbone tensor and leaves only the head
 random. The UNet's own `decoder.seg_layers` (the pretext output layer) is skipped by it too and unused by probes.
 
@@ -12,7 +14,7 @@ network and False in a freshly built probe, so a probe knows whether `-pretraine
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,9 @@ from torch import nn
 
 from nnunet_diffusion.core.network import (TimeContext, TimeEmbedding, add_time_conditioning, build_unet_from_plans,
                                            conditioned_on)
-from nnunet_diffusion.pretraining.bpr_guidance import BPR_MAP_CHANNELS, EmbeddedBPR
+from nnunet_diffusion.pretraining.coordinate_conditioning import (COORDINATE_CHANNELS, COORDINATE_INIT_STD,
+                                                                  CoordinateContext, add_coordinate_conditioning,
+                                                                  conditioned_on_coordinates)
 from nnunet_diffusion.pretraining.heads import LinearProbeHead, NonLinearProbeHead
 
 EMBEDDING_DIM = 128
@@ -32,7 +36,7 @@ PROBE_TIMESTEP = 0  # probes see the clean image at the smallest pretraining tim
 class BackboneSpec:
     """What a pretrained backbone consumes, which trainer pretrains it and which probe trainers fit it."""
     time_conditioning: bool
-    bpr_guidance: bool
+    coordinates: bool  # reads the dataset's last three channels as anatomical coordinates
     pretraining_trainer: str
     trainer_suffix: str
 
@@ -42,10 +46,23 @@ class BackboneSpec:
                                                                              "Finetune"))
 
 
+    def image_channels(self, num_input_channels: int) -> int:
+        """The channels that are image (noised, distorted, reconstructed): all but the coordinates."""
+        channels = num_input_channels - (COORDINATE_CHANNELS if self.coordinates else 0)
+        if channels < 1:
+            raise ValueError(f"a coordinate-guided backbone needs image channels besides the {COORDINATE_CHANNELS} "
+                             f"coordinate channels, got {num_input_channels} input channels")
+        return channels
+
+
 DIFFUSION = BackboneSpec(True, False, pretraining_trainer="nnUNetTrainerDiffPretrain", trainer_suffix="")
-DIFFUSION_BPR = BackboneSpec(True, True, pretraining_trainer="nnUNetTrainerDiffPretrainBPR", trainer_suffix="BPR")
+DIFFUSION_COORD = BackboneSpec(True, True, pretraining_trainer="nnUNetTrainerDiffPretrainCoord",
+                               trainer_suffix="Coord")
 RESTORATIVE = BackboneSpec(False, False, pretraining_trainer="nnUNetTrainerRestorePretrain",
                            trainer_suffix="Restore")
+RESTORATIVE_COORD = BackboneSpec(False, True, pretraining_trainer="nnUNetTrainerRestorePretrainCoord",
+                                 trainer_suffix="RestoreCoord")
+BACKBONES = (DIFFUSION, DIFFUSION_COORD, RESTORATIVE, RESTORATIVE_COORD)
 
 
 class PretrainingCheckpointNotASegmenter(RuntimeError):
@@ -55,34 +72,45 @@ class PretrainingCheckpointNotASegmenter(RuntimeError):
 class PretrainedBackbone(nn.Module):
     """What pretraining and probe networks share, built identically so that their state-dict keys match."""
 
-    def __init__(self, unet: nn.Module, spec: BackboneSpec, bpr: EmbeddedBPR | None):
+    def __init__(self, unet: nn.Module, spec: BackboneSpec, num_image_channels: int):
         super().__init__()
         self.spec = spec
-        self.bpr = bpr
+        self.num_image_channels = num_image_channels
         self.context = TimeContext()
         self.time_embedding: TimeEmbedding | None = None
         if spec.time_conditioning:
             add_time_conditioning(unet, EMBEDDING_DIM, self.context)
             self.time_embedding = TimeEmbedding(EMBEDDING_DIM)
             self.register_buffer("num_timesteps", torch.tensor(0))
+        self.coordinate_context = CoordinateContext()
+        if spec.coordinates:
+            add_coordinate_conditioning(unet, self.coordinate_context, COORDINATE_INIT_STD)
         self.unet = unet
         self.register_buffer("holds_pretrained_weights", torch.tensor(False))
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self.unet.decoder.deep_supervision = enabled
 
-    def backbone_forward(self, unet_input: torch.Tensor, image: torch.Tensor, t: torch.Tensor | None
+    def coordinates_of(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The coordinate channels of nnU-Net's input (image channels first), or None without coordinates."""
+        return inputs[:, self.num_image_channels:] if self.spec.coordinates else None
+
+    def backbone_forward(self, unet_input: torch.Tensor, inputs: torch.Tensor, t: torch.Tensor | None
                          ) -> torch.Tensor:
-        """UNet output for `unet_input` (noisy, distorted or clean image), with the BPR map of the clean `image`
-        appended when BPR-guided and FiLM conditioned on timesteps `t` (one per sample) when time-conditioned."""
-        if self.bpr is not None:
-            unet_input = torch.cat([unet_input, self.bpr(image).to(unet_input.dtype)], dim=1)
-        if self.time_embedding is None:
-            return self.unet(unet_input)
-        if t is None:
-            raise ValueError("a time-conditioned backbone needs timesteps t (one per sample)")
-        embedding = self.time_embedding.of_timesteps(t.to(unet_input.device), self.num_timesteps.float())
-        with conditioned_on(self.context, embedding):
+        """UNet output for `unet_input` (the noisy, distorted or clean image channels): with the coordinate
+        channels of nnU-Net's `inputs` appended and modulating every normalisation when coordinate-guided, and FiLM
+        conditioned on timesteps `t` (one per sample) when time-conditioned."""
+        coordinates = self.coordinates_of(inputs)
+        with ExitStack() as stack:
+            if coordinates is not None:
+                coordinates = coordinates.to(unet_input.dtype)
+                unet_input = torch.cat([unet_input, coordinates], dim=1)
+                stack.enter_context(conditioned_on_coordinates(self.coordinate_context, coordinates))
+            if self.time_embedding is not None:
+                if t is None:
+                    raise ValueError("a time-conditioned backbone needs timesteps t (one per sample)")
+                embedding = self.time_embedding.of_timesteps(t.to(unet_input.device), self.num_timesteps.float())
+                stack.enter_context(conditioned_on(self.context, embedding))
             return self.unet(unet_input)
 
 
@@ -93,36 +121,38 @@ class PretrainingNetwork(PretrainedBackbone):
     segmentation output, it is the input of a probe or fine-tuning trainer.
     """
 
-    def __init__(self, unet: nn.Module, spec: BackboneSpec, bpr: EmbeddedBPR | None, num_timesteps: int | None):
-        super().__init__(unet, spec, bpr)
+    def __init__(self, unet: nn.Module, spec: BackboneSpec, num_image_channels: int, num_timesteps: int | None):
+        super().__init__(unet, spec, num_image_channels)
         # Without deep supervision only the last output layer is used; frozen, the others cannot stall DDP.
         unet.decoder.seg_layers[:-1].requires_grad_(False)
         self.holds_pretrained_weights.fill_(True)
         if spec.time_conditioning:
             self.num_timesteps.fill_(num_timesteps)
 
-    def forward(self, image: torch.Tensor, corrupted: torch.Tensor | None = None, t: torch.Tensor | None = None
+    def forward(self, inputs: torch.Tensor, corrupted: torch.Tensor | None = None, t: torch.Tensor | None = None
                 ) -> torch.Tensor:
+        """inputs: nnU-Net's batch (image channels, then coordinates if any); corrupted: the noisy or distorted
+        image channels."""
         if corrupted is None:
             raise PretrainingCheckpointNotASegmenter(
                 "this is a pretraining checkpoint, not a segmentation model, so nnUNetv2_predict cannot use it. "
                 f"Train a probe on it first: nnUNetv2_train DATASET CONFIGURATION FOLD -tr "
                 f"{' | '.join(self.spec.probe_trainers)} -pretrained_weights <this checkpoint_final.pth>, "
                 f"then predict with that probe trainer")
-        return self.backbone_forward(corrupted, image, t)
+        return self.backbone_forward(corrupted, inputs, t)
 
 
 class ProbeNetwork(PretrainedBackbone):
     """Backbone + head: `forward(image)` → logits (B, classes, *spatial), as nnU-Net's predictor expects.
 
     Features are the outputs of every decoder stage (captured with forward hooks) for the clean image at
-    timestep PROBE_TIMESTEP. With `freeze_backbone` the backbone never gets gradients and stays in eval mode
-    even when nnU-Net calls `network.train()`; the BPR is always frozen.
+    timestep PROBE_TIMESTEP (and its coordinates, for a coordinate-guided backbone). With `freeze_backbone` the
+    backbone never gets gradients and stays in eval mode even when nnU-Net calls `network.train()`.
     """
 
-    def __init__(self, unet: nn.Module, spec: BackboneSpec, bpr: EmbeddedBPR | None, head: nn.Module,
+    def __init__(self, unet: nn.Module, spec: BackboneSpec, num_image_channels: int, head: nn.Module,
                  freeze_backbone: bool):
-        super().__init__(unet, spec, bpr)
+        super().__init__(unet, spec, num_image_channels)
         self.head = head
         self.freeze_backbone = freeze_backbone
         unet.decoder.seg_layers.requires_grad_(False)  # the pretext output layer: not used by probes
@@ -141,23 +171,24 @@ class ProbeNetwork(PretrainedBackbone):
                 module.train(False)
         return self
 
-    def decoder_features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of the UNet's decoder stages, coarsest first."""
+    def decoder_features(self, inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of the UNet's decoder stages for nnU-Net's input, coarsest first."""
         captured: list[torch.Tensor] = []
         hooks = [stage.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
                  for stage in self.unet.decoder.stages]
-        t = torch.full((image.shape[0],), PROBE_TIMESTEP, device=image.device, dtype=torch.long)
+        t = torch.full((inputs.shape[0],), PROBE_TIMESTEP, device=inputs.device, dtype=torch.long)
         try:
-            self.backbone_forward(image, image, t if self.time_embedding is not None else None)
+            self.backbone_forward(inputs[:, :self.num_image_channels], inputs,
+                                  t if self.time_embedding is not None else None)
         finally:
             for hook in hooks:
                 hook.remove()
         return captured
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad() if self.freeze_backbone else nullcontext():
-            features = self.decoder_features(image)
-        return self.head(features, image.shape[2:])
+            features = self.decoder_features(inputs)
+        return self.head(features, inputs.shape[2:])
 
 
 def decoder_level_channels(unet: nn.Module) -> list[int]:
@@ -166,41 +197,30 @@ def decoder_level_channels(unet: nn.Module) -> list[int]:
     return [encoder_channels[-(stage + 2)] for stage in range(len(unet.decoder.stages))]
 
 
-def _build_parts(spec: BackboneSpec, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                 num_image_channels: int) -> tuple[nn.Module, EmbeddedBPR | None]:
-    """The planned UNet (pretext output: one channel per image channel) and, when BPR-guided, the BPR."""
-    patch_size = list(configuration_manager.patch_size)
-    bpr = None
-    if spec.bpr_guidance:
-        if len(patch_size) != 3:
-            raise ValueError(f"BPR guidance needs a 3D configuration; this one has patch size {patch_size}")
-        if num_image_channels != 1:
-            raise ValueError(f"the BPR reads a single image channel, but this dataset has {num_image_channels} "
-                             f"input channels; use a pretraining or probe trainer without BPR")
-        bpr = EmbeddedBPR(patch_size)
-        if min(patch_size) < bpr.min_size:
-            raise ValueError(f"image patches too small for the BPR: patch size {patch_size}, the BPR needs at least "
-                             f"{bpr.min_size} voxels per axis; use a configuration with a larger patch size")
-    unet_inputs = num_image_channels + (BPR_MAP_CHANNELS if bpr is not None else 0)
-    unet = build_unet_from_plans(plans_manager, configuration_manager, unet_inputs, num_image_channels,
+def _build_unet(spec: BackboneSpec, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                num_input_channels: int) -> tuple[nn.Module, int]:
+    """The planned UNet reading every input channel, with one pretext output per image channel; and how many
+    image channels there are."""
+    image_channels = spec.image_channels(num_input_channels)
+    unet = build_unet_from_plans(plans_manager, configuration_manager, num_input_channels, image_channels,
                                  deep_supervision=False)
-    return unet, bpr
+    return unet, image_channels
 
 
 def build_pretraining_network(spec: BackboneSpec, plans_manager: PlansManager,
-                              configuration_manager: ConfigurationManager, num_image_channels: int,
+                              configuration_manager: ConfigurationManager, num_input_channels: int,
                               num_timesteps: int | None) -> PretrainingNetwork:
-    unet, bpr = _build_parts(spec, plans_manager, configuration_manager, num_image_channels)
-    return PretrainingNetwork(unet, spec, bpr, num_timesteps)
+    unet, image_channels = _build_unet(spec, plans_manager, configuration_manager, num_input_channels)
+    return PretrainingNetwork(unet, spec, image_channels, num_timesteps)
 
 
 def build_probe_network(spec: BackboneSpec, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                        num_image_channels: int, num_classes: int, head_kind: str, freeze_backbone: bool
+                        num_input_channels: int, num_classes: int, head_kind: str, freeze_backbone: bool
                         ) -> ProbeNetwork:
     """A probe whose backbone keys and shapes equal those of `build_pretraining_network(spec, ...)`."""
-    unet, bpr = _build_parts(spec, plans_manager, configuration_manager, num_image_channels)
+    unet, image_channels = _build_unet(spec, plans_manager, configuration_manager, num_input_channels)
     heads = {"linear": LinearProbeHead, "nonlinear": NonLinearProbeHead}
     if head_kind not in heads:
         raise ValueError(f"unknown probe head {head_kind!r}; choose one of {', '.join(heads)}")
     head = heads[head_kind](decoder_level_channels(unet), num_classes, len(configuration_manager.patch_size))
-    return ProbeNetwork(unet, spec, bpr, head, freeze_backbone)
+    return ProbeNetwork(unet, spec, image_channels, head, freeze_backbone)

@@ -2,17 +2,19 @@
 
 Pretraining (no labels needed; the label files nnU-Net requires are ignored, and patches are drawn at random,
 never by label):
-- `nnUNetTrainerDiffPretrainBPR` (Li et al. 2025): x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε from the image patch x0,
-  DDPM's linear β (1e-4 … 0.02) over T = 10 steps, so T sets the largest noise (ᾱ ≥ 0.90 at T = 10); the clean
-  patch goes through a frozen BPR (never noised) and [x_t, BPR map] feed a time-conditioned UNet built from the
-  plans, trained to predict ε with MSE (DDPM's objective). `…X0` predicts the clean patch instead (the usual
-  choice for representation learning: an ε output never has to carry absolute intensity). `_T1`, `_T3`,
+- `nnUNetTrainerDiffPretrainCoord` (Li et al. 2025): x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε from the image patch x0,
+  DDPM's linear β (1e-4 … 0.02) over T = 10 steps, so T sets the largest noise (ᾱ ≥ 0.90 at T = 10); the
+  dataset's anatomical coordinate channels (a BPR's, from `nnunet-diffusion add-coordinates`; never noised) go
+  into a time-conditioned UNet built from the plans, as input channels and as a modulation after every
+  normalisation, trained to predict ε with MSE (DDPM's objective). `…X0` predicts the clean patch instead (the
+  usual choice for representation learning: an ε output never has to carry absolute intensity). `_T1`, `_T3`,
   `_T30`, `_T100`, `_T1000` of both vary T (the noise range), for the timestep ablation.
-- `nnUNetTrainerDiffPretrain` (+ `X0`): the same without BPR.
-- `nnUNetTrainerRestorePretrain`: Models Genesis restoration (see `restoration.py`), same UNet, no time input.
+- `nnUNetTrainerDiffPretrain` (+ `X0`): the same without coordinates.
+- `nnUNetTrainerRestorePretrain` (+ `Coord`): Models Genesis restoration (see `restoration.py`), same UNet, no
+  time input.
 
-nnU-Net's data augmentation stays on: the BPR reads the same augmented patch, so spatial transforms keep it
-aligned; intensity transforms only change the image the BPR reads, as they would at test time. Validation logs
+nnU-Net's data augmentation stays on: spatial transforms move the coordinate channels with the image; intensity
+transforms act on the image channels only (`coordinate_channels.py`). Validation logs
 nnU-Net's own keys with mean_fg_dice = −(validation pretext loss), so progress.png and checkpoint_best track the
 loss; the final segmentation validation is replaced by `validation/pretext_validation.json`. Checkpoints are
 written with CPU tensors, because `nnUNetv2_train -pretrained_weights` loads them without a map_location.
@@ -30,14 +32,15 @@ from torch import nn
 
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
-from nnunet_diffusion.pretraining.bpr_guidance import load_guidance_bpr
-from nnunet_diffusion.pretraining.network import (DIFFUSION, DIFFUSION_BPR, RESTORATIVE, BackboneSpec,
-                                                  build_pretraining_network)
+from nnunet_diffusion.pretraining.network import (DIFFUSION, DIFFUSION_COORD, RESTORATIVE, RESTORATIVE_COORD,
+                                                  BackboneSpec, build_pretraining_network)
 from nnunet_diffusion.pretraining.restoration import genesis_distort
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
+from nnunet_diffusion.trainers.coordinate_channels import CoordinateChannelsMixin
 
-class PretrainingTrainer(PluginTrainer):
+
+class PretrainingTrainer(CoordinateChannelsMixin, PluginTrainer):
     """Shared by the pretraining trainers: a pretext loss instead of segmentation, CPU-portable checkpoints."""
     backbone: BackboneSpec
     objective: str
@@ -63,16 +66,9 @@ class PretrainingTrainer(PluginTrainer):
     def pretext_loss(self, data: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def on_train_start(self) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        bpr = unwrap(self.network).bpr
-        if bpr is not None and not bool(bpr.loaded):  # a continued training has it from its checkpoint
-            configuration = self.configuration_manager
-            bpr.load_from(load_guidance_bpr(self.plans_manager.plans_name, self.configuration_name,
-                                            configuration.data_identifier, configuration.patch_size,
-                                            configuration.spacing))
-        super().on_train_start()
+    def image_of(self, data: torch.Tensor) -> torch.Tensor:
+        """The image channels of nnU-Net's batch (without the coordinate channels)."""
+        return data[:, :unwrap(self.network).num_image_channels]
 
     def _pretext_loss_in_precision(self, batch: dict) -> torch.Tensor:
         data = batch['data'].to(self.device, non_blocking=True)
@@ -127,10 +123,11 @@ class nnUNetTrainerDiffPretrain(PretrainingTrainer):
         return f"MSE between predicted and true {'noise ε' if self.prediction == 'epsilon' else 'clean patch x0'}"
 
     def pretext_loss(self, data: torch.Tensor) -> torch.Tensor:
+        image = self.image_of(data)
         t = torch.randint(0, self.num_timesteps, (data.shape[0],), device=data.device)
-        noise = torch.randn_like(data)
-        predicted = self.network(data, self.scheduler.add_noise(data, noise, t), t)
-        return self.loss(predicted.float(), noise if self.prediction == "epsilon" else data)
+        noise = torch.randn_like(image)
+        predicted = self.network(data, self.scheduler.add_noise(image, noise, t), t)
+        return self.loss(predicted.float(), noise if self.prediction == "epsilon" else image)
 
 
 class nnUNetTrainerDiffPretrainX0(nnUNetTrainerDiffPretrain):
@@ -138,13 +135,13 @@ class nnUNetTrainerDiffPretrainX0(nnUNetTrainerDiffPretrain):
     prediction = "x0"
 
 
-class nnUNetTrainerDiffPretrainBPR(nnUNetTrainerDiffPretrain):
-    """Diffusion pretraining guided by a frozen BPR's coordinate map (Li et al. 2025); BPR from nnUNet_diffusion_bpr."""
-    backbone = DIFFUSION_BPR
+class nnUNetTrainerDiffPretrainCoord(nnUNetTrainerDiffPretrain):
+    """Diffusion pretraining guided by the dataset's anatomical coordinate channels (Li et al. 2025's BPR guidance)."""
+    backbone = DIFFUSION_COORD
 
 
-class nnUNetTrainerDiffPretrainBPRX0(nnUNetTrainerDiffPretrainBPR):
-    """BPR-guided diffusion pretraining predicting the clean patch x0 instead of ε."""
+class nnUNetTrainerDiffPretrainCoordX0(nnUNetTrainerDiffPretrainCoord):
+    """Coordinate-guided diffusion pretraining predicting the clean patch x0 instead of ε."""
     prediction = "x0"
 
 
@@ -154,59 +151,65 @@ class nnUNetTrainerRestorePretrain(PretrainingTrainer):
     objective = "MSE between restored and clean patch"
 
     def pretext_loss(self, data: torch.Tensor) -> torch.Tensor:
-        restored = self.network(data, genesis_distort(data))
-        return self.loss(restored.float(), data)
+        image = self.image_of(data)
+        restored = self.network(data, genesis_distort(image))
+        return self.loss(restored.float(), image)
+
+
+class nnUNetTrainerRestorePretrainCoord(nnUNetTrainerRestorePretrain):
+    """Restorative pretraining with the dataset's coordinate channels (never distorted), as the diffusion one has."""
+    backbone = RESTORATIVE_COORD
 
 
 # The timestep ablation (T = 10 is the default of the base classes).
 
-class nnUNetTrainerDiffPretrainBPR_T1(nnUNetTrainerDiffPretrainBPR):
-    """nnUNetTrainerDiffPretrainBPR with T = 1 (ᾱ at the last step 0.9999), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoord_T1(nnUNetTrainerDiffPretrainCoord):
+    """nnUNetTrainerDiffPretrainCoord with T = 1 (ᾱ at the last step 0.9999), for the timestep ablation."""
     num_timesteps = 1
 
 
-class nnUNetTrainerDiffPretrainBPR_T3(nnUNetTrainerDiffPretrainBPR):
-    """nnUNetTrainerDiffPretrainBPR with T = 3 (ᾱ at the last step 0.97), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoord_T3(nnUNetTrainerDiffPretrainCoord):
+    """nnUNetTrainerDiffPretrainCoord with T = 3 (ᾱ at the last step 0.97), for the timestep ablation."""
     num_timesteps = 3
 
 
-class nnUNetTrainerDiffPretrainBPR_T30(nnUNetTrainerDiffPretrainBPR):
-    """nnUNetTrainerDiffPretrainBPR with T = 30 (ᾱ at the last step 0.74), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoord_T30(nnUNetTrainerDiffPretrainCoord):
+    """nnUNetTrainerDiffPretrainCoord with T = 30 (ᾱ at the last step 0.74), for the timestep ablation."""
     num_timesteps = 30
 
 
-class nnUNetTrainerDiffPretrainBPR_T100(nnUNetTrainerDiffPretrainBPR):
-    """nnUNetTrainerDiffPretrainBPR with T = 100 (ᾱ at the last step 0.36), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoord_T100(nnUNetTrainerDiffPretrainCoord):
+    """nnUNetTrainerDiffPretrainCoord with T = 100 (ᾱ at the last step 0.36), for the timestep ablation."""
     num_timesteps = 100
 
 
-class nnUNetTrainerDiffPretrainBPR_T1000(nnUNetTrainerDiffPretrainBPR):
-    """nnUNetTrainerDiffPretrainBPR with T = 1000 (ᾱ at the last step 4e-5 (pure noise)), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoord_T1000(nnUNetTrainerDiffPretrainCoord):
+    """nnUNetTrainerDiffPretrainCoord with T = 1000 (ᾱ at the last step 4e-5 (pure noise)), for the timestep ablation."""
     num_timesteps = 1000
 
 
-class nnUNetTrainerDiffPretrainBPRX0_T1(nnUNetTrainerDiffPretrainBPRX0):
-    """nnUNetTrainerDiffPretrainBPRX0 with T = 1 (ᾱ at the last step 0.9999), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoordX0_T1(nnUNetTrainerDiffPretrainCoordX0):
+    """nnUNetTrainerDiffPretrainCoordX0 with T = 1 (ᾱ at the last step 0.9999), for the timestep ablation."""
     num_timesteps = 1
 
 
-class nnUNetTrainerDiffPretrainBPRX0_T3(nnUNetTrainerDiffPretrainBPRX0):
-    """nnUNetTrainerDiffPretrainBPRX0 with T = 3 (ᾱ at the last step 0.97), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoordX0_T3(nnUNetTrainerDiffPretrainCoordX0):
+    """nnUNetTrainerDiffPretrainCoordX0 with T = 3 (ᾱ at the last step 0.97), for the timestep ablation."""
     num_timesteps = 3
 
 
-class nnUNetTrainerDiffPretrainBPRX0_T30(nnUNetTrainerDiffPretrainBPRX0):
-    """nnUNetTrainerDiffPretrainBPRX0 with T = 30 (ᾱ at the last step 0.74), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoordX0_T30(nnUNetTrainerDiffPretrainCoordX0):
+    """nnUNetTrainerDiffPretrainCoordX0 with T = 30 (ᾱ at the last step 0.74), for the timestep ablation."""
     num_timesteps = 30
 
 
-class nnUNetTrainerDiffPretrainBPRX0_T100(nnUNetTrainerDiffPretrainBPRX0):
-    """nnUNetTrainerDiffPretrainBPRX0 with T = 100 (ᾱ at the last step 0.36), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoordX0_T100(nnUNetTrainerDiffPretrainCoordX0):
+    """nnUNetTrainerDiffPretrainCoordX0 with T = 100 (ᾱ at the last step 0.36), for the timestep ablation."""
     num_timesteps = 100
 
 
-class nnUNetTrainerDiffPretrainBPRX0_T1000(nnUNetTrainerDiffPretrainBPRX0):
-    """nnUNetTrainerDiffPretrainBPRX0 with T = 1000 (ᾱ at the last step 4e-5 (pure noise)), for the timestep ablation."""
+class nnUNetTrainerDiffPretrainCoordX0_T1000(nnUNetTrainerDiffPretrainCoordX0):
+    """nnUNetTrainerDiffPretrainCoordX0 with T = 1000 (ᾱ at the last step 4e-5 (pure noise)), for the timestep ablation."""
     num_timesteps = 1000
 
 

@@ -3,9 +3,10 @@
 Probing and fine-tuning take a pretraining checkpoint through `nnUNetv2_train ... -pretrained_weights FILE`
 (see network.py for how the keys line up) and predict with the stock `nnUNetv2_predict`:
 `nnUNetTrainerProbeNonLinear*` (per-voxel MLP) and `nnUNetTrainerProbeLinear*` (linear) train a head on the
-frozen multi-scale decoder features of the clean image at t = 0; `nnUNetTrainerFinetune*` trains everything but
-the BPR at lr 1e-3 with the linear head. The suffix (none, `BPR`, `Restore`) must match the pretraining that
-wrote the checkpoint (any of its variants).
+frozen multi-scale decoder features of the clean image at t = 0; `nnUNetTrainerFinetune*` trains everything at lr
+1e-3 with the linear head. The suffix (none, `Coord`, `Restore`, `RestoreCoord`) must match the pretraining that
+wrote the checkpoint (any of its variants); the `Coord` ones read the dataset's coordinate channels, as their
+pretraining did.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_diffusion.pretraining.network import DIFFUSION, DIFFUSION_BPR, RESTORATIVE, BackboneSpec, build_probe_network
+from nnunet_diffusion.pretraining.network import (DIFFUSION, DIFFUSION_COORD, RESTORATIVE, RESTORATIVE_COORD,
+                                                  BackboneSpec, build_probe_network)
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
+from nnunet_diffusion.trainers.coordinate_channels import CoordinateChannelsMixin
 
 
-class ProbeTrainer(PluginTrainer):
+class ProbeTrainer(CoordinateChannelsMixin, PluginTrainer):
     """Shared by probes and fine-tuning: a head on a backbone that must come from `-pretrained_weights`."""
     backbone: BackboneSpec
     head_kind = "nonlinear"
@@ -45,7 +48,7 @@ class ProbeTrainer(PluginTrainer):
         return False
 
     def configure_optimizers(self):
-        """nnU-Net's SGD + poly schedule over the trainable parameters only (the head, or all but the BPR)."""
+        """nnU-Net's SGD + poly schedule over the trainable parameters only (the head, or everything)."""
         trainable = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(trainable, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
                                     nesterov=True)
@@ -84,19 +87,19 @@ class nnUNetTrainerFinetune(ProbeTrainer):
     learning_rate = 1e-3
 
 
-class nnUNetTrainerProbeNonLinearBPR(nnUNetTrainerProbeNonLinear):
-    """Non-linear probe on a frozen nnUNetTrainerDiffPretrainBPR backbone (with its BPR)."""
-    backbone = DIFFUSION_BPR
+class nnUNetTrainerProbeNonLinearCoord(nnUNetTrainerProbeNonLinear):
+    """Non-linear probe on a frozen nnUNetTrainerDiffPretrainCoord backbone (reads the coordinate channels)."""
+    backbone = DIFFUSION_COORD
 
 
-class nnUNetTrainerProbeLinearBPR(nnUNetTrainerProbeLinear):
-    """Linear probe on a frozen nnUNetTrainerDiffPretrainBPR backbone (with its BPR)."""
-    backbone = DIFFUSION_BPR
+class nnUNetTrainerProbeLinearCoord(nnUNetTrainerProbeLinear):
+    """Linear probe on a frozen nnUNetTrainerDiffPretrainCoord backbone."""
+    backbone = DIFFUSION_COORD
 
 
-class nnUNetTrainerFinetuneBPR(nnUNetTrainerFinetune):
-    """Fine-tuning of a nnUNetTrainerDiffPretrainBPR backbone (the BPR stays frozen)."""
-    backbone = DIFFUSION_BPR
+class nnUNetTrainerFinetuneCoord(nnUNetTrainerFinetune):
+    """Fine-tuning of a nnUNetTrainerDiffPretrainCoord backbone."""
+    backbone = DIFFUSION_COORD
 
 
 class nnUNetTrainerProbeNonLinearRestore(nnUNetTrainerProbeNonLinear):
@@ -112,6 +115,21 @@ class nnUNetTrainerProbeLinearRestore(nnUNetTrainerProbeLinear):
 class nnUNetTrainerFinetuneRestore(nnUNetTrainerFinetune):
     """Fine-tuning of a nnUNetTrainerRestorePretrain backbone."""
     backbone = RESTORATIVE
+
+
+class nnUNetTrainerProbeNonLinearRestoreCoord(nnUNetTrainerProbeNonLinear):
+    """Non-linear probe on a frozen nnUNetTrainerRestorePretrainCoord backbone."""
+    backbone = RESTORATIVE_COORD
+
+
+class nnUNetTrainerProbeLinearRestoreCoord(nnUNetTrainerProbeLinear):
+    """Linear probe on a frozen nnUNetTrainerRestorePretrainCoord backbone."""
+    backbone = RESTORATIVE_COORD
+
+
+class nnUNetTrainerFinetuneRestoreCoord(nnUNetTrainerFinetune):
+    """Fine-tuning of a nnUNetTrainerRestorePretrainCoord backbone."""
+    backbone = RESTORATIVE_COORD
 
 
 PROBE_TRAINERS = [c for c in list(globals().values())
