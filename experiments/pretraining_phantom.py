@@ -1,42 +1,36 @@
-"""The pretraining comparison of Li et al. (2025) on the generated phantom, at a scale that fits a CPU.
+"""The pretraining comparison of Li et al. (2025) at a scale that fits a CPU: frozen backbones probed with the same
+point-wise non-linear head, on the generated phantom (with anatomical coordinates) and on real MR (without).
 
-Every backbone is frozen and probed with the same point-wise non-linear head on held-out phantom cases:
+    python experiments/pretraining_phantom.py phantom --workdir /work/runs/pretraining
+    python experiments/pretraining_phantom.py hippocampus --workdir /work/runs/pretraining_mr
 
-    random init        a freshly built diffusion backbone, never trained (the floor)
-    restorative        nnUNetTrainerRestorePretrain (Models Genesis)
-    diffusion          nnUNetTrainerDiffPretrain (T = 10)
-    diffusion + BPR    nnUNetTrainerDiffPretrainBPR with T = 1, 10 (the paper's choice) and 100
+`phantom`: the documented workflow (docs/pretraining.md) with nnU-Net's own tools and the plugin's commands. A
+pretraining phantom (602) and a labelled probe phantom (601) are generated and planned; nnUNetTrainerBPR is
+trained on 602; `add-coordinates` writes both with the BPR's coordinate channels (612, 611) and the probe phantom
+with its true coordinates from the image geometry (621); 612's plans are moved to 611 and 621 and 602's to 601;
+the cpu_tiny preset is derived in all. Arms (each frozen and probed):
 
-The script runs the documented workflow (docs/pretraining.md) with nnU-Net's own tools: it generates a pretraining
-phantom (602) and a labelled probe phantom (601), plans and preprocesses 602, moves its plans to 601 and
-preprocesses 601 with them, derives the cpu_tiny preset in both, trains nnUNetTrainerBPR and the pretraining
-trainers with nnU-Net's training loop (`get_trainer_from_args`, `maybe_load_checkpoint`, `run_training`, as
-nnUNetv2_train runs them, but with shorter schedules), probes every backbone, predicts the test cases with
-nnU-Net's predictor and reports Dice per organ-size group (big: liver, spleen, kidneys, stomach; medium: aorta,
-pancreas, gallbladder; small: adrenals), as the mean over several probe seeds (head initialisation and sampled
-voxels) with each seed's mean Dice beside it. The BPR and every pretraining start from the same seed.
+    random init / + coordinates            a freshly built backbone, never trained
+    restorative / + coordinates            nnUNetTrainerRestorePretrain(Coord)
+    diffusion ε and x0 / + coordinates     nnUNetTrainerDiffPretrain(X0), nnUNetTrainerDiffPretrainCoord(X0), T = 10
+    the T sweep                            the diffusion + coordinates arm of --sweep-prediction at T = 1, 3, 30, 100, 1000
 
-Two ways to train the probe head, both on the probe trainer's own network (backbone + `NonLinearProbeHead`):
+with --pretrain-seeds for the main arms (one for the sweep) and --probe-seeds per backbone, and two references:
+a voxel MLP (the probe head) on the intensity alone (the floor) and on the intensity plus the true coordinates
+(the ceiling). Dice on the held-out phantoms, overall and per organ-size group (big: liver, spleen, kidneys,
+stomach; medium: aorta, pancreas, gallbladder; small: adrenals), as the paper's Figure 2. The BPR's coordinates
+are also compared with the true positions (per held-out phantom: slope and intercept per axis, pooled R², next to
+the Spearman) and, with --real-ct, read at the organ centroids of the TotalSegmentator example CT.
 
-    --probe-with cached   (default) the frozen backbone's multi-scale features are computed once, on 32^3 tiles
-                          (stride 16) of the probe training cases, for a foreground-rich sample of voxels; the
-                          head is trained on them with Adam and cross-entropy. Exact for a frozen backbone except
-                          that nnU-Net's data augmentation is not applied, and minutes instead of hours on a CPU.
-    --probe-with trainer  the probe trainer through nnU-Net's loop with -pretrained_weights, as a user runs it
-                          (Dice + CE, SGD, augmentation). On a 2-core CPU it needs thousands of iterations before
-                          the head leaves the all-background solution (docs/pretraining.md, section 6).
+`hippocampus`: the frozen-probe comparison without coordinates on the 200 real MR cases of
+../shared/data/msd_hippocampus: random init, restorative, diffusion ε and x0 at T = 10, pretrained on all 200
+images (labels ignored), probed on --probe-cases labelled cases, scored on the rest.
 
-    python experiments/pretraining_phantom.py --workdir /tmp/pretraining_experiment
-    python experiments/pretraining_phantom.py --workdir /tmp/pretraining_experiment \
-        --real-ct ../shared/data/totalseg_examples/example_ct.nii.gz    # also: the BPR on a real CT
-
-With --real-ct the phantom-trained BPR also scores real CT volumes (converted with images-to-dataset, preprocessed
-with the pretraining plans): its per-axis ordering there says whether what it learnt transfers to real anatomy.
-The probe comparison itself is not run on real CT: the TotalSegmentator examples hold one labelled CT, so there is
-no held-out labelled case to score a probe on.
-
-Finished steps are skipped when the script is run again on the same --workdir. The table goes to stdout and, with
-the per-organ figures and timings, to <workdir>/pretraining_experiment.json.
+Probes are trained on cached frozen features (`nnunet_diffusion.pretraining.cached_probing`): the backbone runs
+once per backbone on overlapping tiles of the probe cases, and each probe seed trains the head on a sample of
+those voxels (half foreground) with Adam and cross-entropy; the probe network then predicts the held-out cases
+through nnU-Net's predictor (no mirroring). Finished steps are skipped when the script runs again on the same
+--workdir; results.json and results.md are rewritten after every probe (and copied to --results-dir).
 """
 from __future__ import annotations
 
@@ -45,74 +39,168 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-PRETRAIN_ID, PROBE_ID, REAL_CT_ID = 602, 601, 603
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PRESET, PLANS, CONFIGURATION = "cpu_tiny", "nnUNetPlansCPU", "3d_cpu"
 SIZE_GROUPS = ("big", "medium", "small")
 TILE, TILE_STRIDE = 32, 16  # cached probing: the preset's patch size, tiles overlapping by half as in inference
 
 
 @dataclass(frozen=True)
-class Backbone:
+class Dataset:
+    dataset_id: int
+    name: str
+
+    @property
+    def folder(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.name}"
+
+
+PRETRAIN, PRETRAIN_COORD = Dataset(602, "PhantomPretrain"), Dataset(612, "PhantomPretrainCoord")
+PROBE, PROBE_COORD, PROBE_TRUE = Dataset(601, "Phantom"), Dataset(611, "PhantomCoord"), Dataset(621, "PhantomTrueCoord")
+HIPPOCAMPUS, HIPPOCAMPUS_PROBE = Dataset(631, "HippocampusImages"), Dataset(632, "HippocampusProbe")
+
+
+@dataclass(frozen=True)
+class Arm:
     label: str
     pretraining_trainer: str | None  # None: random init, never trained
     probe_trainer: str
-    timesteps: int | None
+    pretraining_dataset: Dataset
+    probe_dataset: Dataset
+    timesteps: int | None = None
+    main: bool = True  # main arms get every pretraining seed, the T sweep the first
 
 
-BACKBONES = (
-    Backbone("random init", None, "nnUNetTrainerProbeNonLinear", None),
-    Backbone("restorative", "nnUNetTrainerRestorePretrain", "nnUNetTrainerProbeNonLinearRestore", None),
-    Backbone("diffusion", "nnUNetTrainerDiffPretrain", "nnUNetTrainerProbeNonLinear", 10),
-    Backbone("diffusion + BPR", "nnUNetTrainerDiffPretrainBPR_T1", "nnUNetTrainerProbeNonLinearBPR", 1),
-    Backbone("diffusion + BPR", "nnUNetTrainerDiffPretrainBPR", "nnUNetTrainerProbeNonLinearBPR", 10),
-    Backbone("diffusion + BPR", "nnUNetTrainerDiffPretrainBPR_T100", "nnUNetTrainerProbeNonLinearBPR", 100),
-)
+def phantom_arms(sweep_prediction: str) -> list[Arm]:
+    arms = [Arm("random init", None, "nnUNetTrainerProbeNonLinear", PRETRAIN, PROBE),
+            Arm("random init + coordinates", None, "nnUNetTrainerProbeNonLinearCoord", PRETRAIN_COORD, PROBE_COORD),
+            Arm("restorative", "nnUNetTrainerRestorePretrain", "nnUNetTrainerProbeNonLinearRestore", PRETRAIN, PROBE),
+            Arm("restorative + coordinates", "nnUNetTrainerRestorePretrainCoord",
+                "nnUNetTrainerProbeNonLinearRestoreCoord", PRETRAIN_COORD, PROBE_COORD)]
+    for prediction, suffix in (("ε", ""), ("x0", "X0")):
+        arms += [Arm(f"diffusion {prediction}", f"nnUNetTrainerDiffPretrain{suffix}", "nnUNetTrainerProbeNonLinear",
+                     PRETRAIN, PROBE, 10),
+                 Arm(f"diffusion {prediction} + coordinates", f"nnUNetTrainerDiffPretrainCoord{suffix}",
+                     "nnUNetTrainerProbeNonLinearCoord", PRETRAIN_COORD, PROBE_COORD, 10)]
+    suffix = "X0" if sweep_prediction == "x0" else ""
+    arms += [Arm(f"diffusion {'x0' if suffix else 'ε'} + coordinates", f"nnUNetTrainerDiffPretrainCoord{suffix}_T{t}",
+                 "nnUNetTrainerProbeNonLinearCoord", PRETRAIN_COORD, PROBE_COORD, t, main=False)
+             for t in (1, 3, 30, 100, 1000)]
+    return arms
 
 
-def preprocess_with_pretraining_plans(dataset_id: int, log: Path) -> None:
-    """Plan a dataset only for its fingerprint, give it the pretraining plans and preprocess it with them, then
-    derive the preset: docs/pretraining.md, section 4, for a probe (or any target) dataset."""
+def hippocampus_arms() -> list[Arm]:
+    return [Arm("random init", None, "nnUNetTrainerProbeNonLinear", HIPPOCAMPUS, HIPPOCAMPUS_PROBE),
+            Arm("restorative", "nnUNetTrainerRestorePretrain", "nnUNetTrainerProbeNonLinearRestore", HIPPOCAMPUS,
+                HIPPOCAMPUS_PROBE),
+            Arm("diffusion ε", "nnUNetTrainerDiffPretrain", "nnUNetTrainerProbeNonLinear", HIPPOCAMPUS,
+                HIPPOCAMPUS_PROBE, 10),
+            Arm("diffusion x0", "nnUNetTrainerDiffPretrainX0", "nnUNetTrainerProbeNonLinear", HIPPOCAMPUS,
+                HIPPOCAMPUS_PROBE, 10)]
+
+
+# --- datasets ---------------------------------------------------------------------------------------------------
+
+def _run(command: list[str], log: Path) -> None:
     from nnunet_diffusion.demo import run_logged
-    from nnunet_diffusion.plans import write_preset_plans
-
-    env = dict(os.environ)
-    run_logged(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "--no_pp"], env, log)
-    run_logged(["nnUNetv2_move_plans_between_datasets", "-s", str(PRETRAIN_ID), "-t", str(dataset_id),
-                "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], env, log)
-    run_logged(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
-                "-np", "2"], env, log)
-    write_preset_plans(preprocessed_folder(dataset_id), PRESET)
+    run_logged(command, dict(os.environ), log)
 
 
-def preprocessed_folder(dataset_id: int) -> Path:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    return Path(os.environ["nnUNet_preprocessed"]) / maybe_convert_to_dataset_name(dataset_id)
+def preprocessed(dataset: Dataset) -> Path:
+    return Path(os.environ["nnUNet_preprocessed"]) / dataset.folder
 
 
-def prepare_datasets(workdir: Path, args: argparse.Namespace) -> None:
-    """Both phantoms, planned and preprocessed with one set of plans, as docs/pretraining.md describes."""
-    from nnunet_diffusion.datasets.phantom import generate_phantom_dataset
-    from nnunet_diffusion.demo import run_logged
+def raw(dataset: Dataset) -> Path:
+    return Path(os.environ["nnUNet_raw"]) / dataset.folder
+
+
+def plan_with_preset(dataset: Dataset, log: Path) -> None:
     from nnunet_diffusion.plans import plan_and_preprocess_with_preset
+    if not (preprocessed(dataset) / f"{PLANS}.json").is_file():
+        plan_and_preprocess_with_preset(dataset.dataset_id, PRESET, Path(os.environ["nnUNet_preprocessed"]),
+                                        lambda command: _run(command, log))
 
-    raw, preprocessed = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
+
+def preprocess_with_plans_of(source: Dataset, target: Dataset, log: Path) -> None:
+    """docs/pretraining.md, section 5: the target planned for its fingerprint only, given the source's plans,
+    preprocessed with them, and the preset derived."""
+    from nnunet_diffusion.plans import write_preset_plans
+    if (preprocessed(target) / f"{PLANS}.json").is_file():
+        return
+    _run(["nnUNetv2_plan_and_preprocess", "-d", str(target.dataset_id), "-c", "3d_fullres", "--no_pp"], log)
+    _run(["nnUNetv2_move_plans_between_datasets", "-s", str(source.dataset_id), "-t", str(target.dataset_id),
+          "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], log)
+    _run(["nnUNetv2_preprocess", "-d", str(target.dataset_id), "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
+          "-np", "2"], log)
+    write_preset_plans(preprocessed(target), PRESET)
+
+
+def add_coordinates(source: Dataset, target: Dataset, log: Path, bpr: Path | None) -> None:
+    if not (raw(target) / "dataset.json").is_file():
+        _run(["nnunet-diffusion", "add-coordinates", str(raw(source)), "--dataset-id", str(target.dataset_id),
+              "--name", target.name, *(["--bpr", str(bpr)] if bpr else ["--geometry"])], log)
+
+
+def prepare_phantom(workdir: Path, args: argparse.Namespace) -> Path:
+    """Every phantom dataset, planned, preprocessed and with coordinates; returns the BPR's checkpoint."""
+    from nnunet_diffusion.datasets.phantom import generate_phantom_dataset
     log = workdir / "preprocessing.log"
-    if not (preprocessed / f"Dataset{PRETRAIN_ID}_PhantomPretrain" / f"{PLANS}.json").is_file():
-        generate_phantom_dataset(raw, PRETRAIN_ID, "PhantomPretrain", args.pretrain_cases, 0, seed=1, overwrite=True)
-        plan_and_preprocess_with_preset(PRETRAIN_ID, PRESET, preprocessed,
-                                        lambda command: run_logged(command, dict(os.environ), log))
-    if not (preprocessed / f"Dataset{PROBE_ID}_Phantom" / f"{PLANS}.json").is_file():
-        generate_phantom_dataset(raw, PROBE_ID, "Phantom", args.probe_cases, args.test_cases, seed=0, overwrite=True)
-        preprocess_with_pretraining_plans(PROBE_ID, log)
+    if not (raw(PRETRAIN) / "dataset.json").is_file():
+        generate_phantom_dataset(os.environ["nnUNet_raw"], PRETRAIN.dataset_id, PRETRAIN.name, args.pretrain_cases,
+                                 0, seed=1)
+    if not (raw(PROBE) / "dataset.json").is_file():
+        generate_phantom_dataset(os.environ["nnUNet_raw"], PROBE.dataset_id, PROBE.name, args.probe_cases,
+                                 args.test_cases, seed=0)
+    plan_with_preset(PRETRAIN, log)
+    preprocess_with_plans_of(PRETRAIN, PROBE, log)
+    print("training nnUNetTrainerBPR", flush=True)
+    bpr = train(PRETRAIN, "nnUNetTrainerBPR", args.bpr_iterations, args, final_validation=True) / \
+        "checkpoint_final.pth"
+    add_coordinates(PRETRAIN, PRETRAIN_COORD, log, bpr)
+    add_coordinates(PROBE, PROBE_COORD, log, bpr)
+    add_coordinates(PROBE, PROBE_TRUE, log, None)
+    plan_with_preset(PRETRAIN_COORD, log)
+    preprocess_with_plans_of(PRETRAIN_COORD, PROBE_COORD, log)
+    preprocess_with_plans_of(PRETRAIN_COORD, PROBE_TRUE, log)
+    return bpr
 
+
+def prepare_hippocampus(workdir: Path, args: argparse.Namespace) -> None:
+    """The 200 shared images as the pretraining dataset (labels ignored) and, with the same plans, a probe dataset
+    of --probe-cases labelled training cases and the others as held-out test cases."""
+    log = workdir / "preprocessing.log"
+    source = args.data / "msd_hippocampus"
+    if not raw(HIPPOCAMPUS).exists():
+        raw(HIPPOCAMPUS).parent.mkdir(parents=True, exist_ok=True)
+        raw(HIPPOCAMPUS).symlink_to(source.resolve())
+    if not (raw(HIPPOCAMPUS_PROBE) / "dataset.json").is_file():
+        cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (source / "imagesTr").glob("*_0000.nii.gz"))
+        probe_cases = set(np.random.default_rng(0).choice(cases, args.probe_cases, replace=False))
+        staging = raw(HIPPOCAMPUS_PROBE).with_name(f".{HIPPOCAMPUS_PROBE.folder}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        for case in cases:
+            split = "Tr" if case in probe_cases else "Ts"
+            for folder, name in (("images", f"{case}_0000.nii.gz"), ("labels", f"{case}.nii.gz")):
+                (staging / f"{folder}{split}").mkdir(parents=True, exist_ok=True)
+                (staging / f"{folder}{split}" / name).symlink_to((source / f"{folder}Tr" / name).resolve())
+        dataset_json = json.loads((source / "dataset.json").read_text())
+        (staging / "dataset.json").write_text(json.dumps({**dataset_json, "numTraining": args.probe_cases}))
+        staging.rename(raw(HIPPOCAMPUS_PROBE))
+    plan_with_preset(HIPPOCAMPUS, log)
+    preprocess_with_plans_of(HIPPOCAMPUS, HIPPOCAMPUS_PROBE, log)
+
+
+# --- training and probing -----------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -120,253 +208,368 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(dataset_id: int, trainer_name: str, iterations: int, args: argparse.Namespace,
-          pretrained_weights: Path | None = None, final_validation: bool = False, seed: int | None = None) -> Path:
-    """nnUNetv2_train's sequence for fold 0, `iterations` split into epochs of --iterations-per-epoch; returns the
-    fold folder. Skipped when its checkpoint_final.pth exists. nnU-Net's final validation only on request: the
-    probes are scored on the test cases instead, and mirrored sliding windows over the validation cases cost
-    more CPU time than a short training."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+def results_of(seed: int) -> Path:
+    """Every pretraining seed trains into its own nnUNet_results (seed 0 into the workdir's)."""
+    base = Path(os.environ["nnUNet_results"])
+    return base if seed == 0 else base / f"seed_{seed}"
 
+
+def train(dataset: Dataset, trainer_name: str, iterations: int, args: argparse.Namespace, seed: int = 0,
+          final_validation: bool = False) -> Path:
+    """nnUNetv2_train's sequence for fold 0 (`python -m nnunet_diffusion.runs` in a fresh process with the seed's
+    nnUNet_results; in this process where nnU-Net's final validation is wanted, for the BPR's
+    bpr_validation.json), `iterations` in epochs of --iterations-per-epoch; returns the fold folder, skipped when
+    its checkpoint_final.pth exists."""
     from nnunet_diffusion.runs import TrainingBudget, train_model
     from nnunet_diffusion.utils import model_folder
 
-    fold_folder = model_folder(os.environ["nnUNet_results"], maybe_convert_to_dataset_name(dataset_id), trainer_name,
-                               PLANS, CONFIGURATION) / "fold_0"
+    fold_folder = model_folder(results_of(seed), dataset.folder, trainer_name, PLANS, CONFIGURATION) / "fold_0"
     if (fold_folder / "checkpoint_final.pth").is_file():
         return fold_folder
     per_epoch = min(iterations, args.iterations_per_epoch)
-    budget = TrainingBudget(max(1, round(iterations / args.iterations_per_epoch)), per_epoch, max(1, per_epoch // 10))
-    train_model(str(dataset_id), CONFIGURATION, 0, trainer_name, PLANS, budget, args.device,
-                args.seed if seed is None else seed, final_validation, pretrained_weights)
+    budget = TrainingBudget(max(1, round(iterations / per_epoch)), per_epoch, max(1, per_epoch // 10))
+    if final_validation:
+        if seed != 0:
+            raise ValueError("a training with nnU-Net's final validation runs in this process, with seed 0")
+        train_model(str(dataset.dataset_id), CONFIGURATION, 0, trainer_name, PLANS, budget, args.device, seed, True)
+        return fold_folder
+    command = [sys.executable, "-m", "nnunet_diffusion.runs", str(dataset.dataset_id), CONFIGURATION, "0",
+               trainer_name, "-p", PLANS, "-device", args.device, "--seed", str(seed), "--budget",
+               str(budget.epochs), str(budget.iterations), str(budget.val_iterations)]
+    log = Path(os.environ["nnUNet_results"]).parent / "logs" / f"{trainer_name}_seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        subprocess.run(command, env={**os.environ, "nnUNet_results": str(results_of(seed))}, stdout=out,
+                       stderr=subprocess.STDOUT, check=True)
     return fold_folder
 
 
-def random_init_checkpoint(workdir: Path, trainer_name: str) -> Path:
-    """A pretraining network exactly as its trainer builds it, never trained: the probes' floor."""
+def backbone_checkpoint(workdir: Path, arm: Arm, seed: int, args: argparse.Namespace) -> Path:
+    """The arm's pretraining checkpoint for a seed, trained unless it exists; random init: a freshly built
+    pretraining network of the probe's backbone, saved as a checkpoint."""
     from nnunetv2.run.run_training import get_trainer_from_args
-
-    path = workdir / "random_init_checkpoint.pth"
+    if arm.pretraining_trainer is not None:
+        print(f"pretraining {arm.pretraining_trainer} (seed {seed})", flush=True)
+        return train(arm.pretraining_dataset, arm.pretraining_trainer, args.pretrain_iterations, args, seed) / \
+            "checkpoint_final.pth"
+    from nnunet_diffusion.trainers import probes
+    pretraining_trainer = getattr(probes, arm.probe_trainer).backbone.pretraining_trainer
+    path = workdir / "random_init" / f"{pretraining_trainer}_seed{seed}.pth"
     if not path.is_file():
-        seed_everything(0)
-        trainer = get_trainer_from_args(str(PRETRAIN_ID), CONFIGURATION, 0, trainer_name, PLANS,
-                                        device=torch.device("cpu"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seed_everything(seed)
+        trainer = get_trainer_from_args(str(arm.pretraining_dataset.dataset_id), CONFIGURATION, 0,
+                                        pretraining_trainer, PLANS, device=torch.device("cpu"))
         trainer.initialize()
-        torch.save({"network_weights": trainer.network.state_dict(), "trainer_name": trainer_name}, path)
+        torch.save({"network_weights": trainer.network.state_dict(), "trainer_name": pretraining_trainer}, path)
     return path
 
 
-def predict(model_folder: Path, output: Path, device: str) -> None:
-    """nnU-Net's predictor (what nnUNetv2_predict runs), fold 0, without test-time mirroring to save time."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
-    predict_test_cases(predictor, output)
-
-
-def predict_test_cases(predictor, output: Path) -> None:
-    images = Path(os.environ["nnUNet_raw"]) / f"Dataset{PROBE_ID}_Phantom" / "imagesTs"
-    predictor.predict_from_files(str(images), str(output), save_probabilities=False, overwrite=True,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
-
-
-def dice_by_organ(predictions: Path) -> dict[str, float]:
-    from nnunet_diffusion.datasets.phantom import LABELS
-    from nnunet_diffusion.evaluation.metrics import evaluate_folder
-
-    references = Path(os.environ["nnUNet_raw"]) / f"Dataset{PROBE_ID}_Phantom" / "labelsTs"
-    organs = {name: label for name, label in LABELS.items() if label}
-    means = evaluate_folder(predictions, references, list(organs.values()))["mean"]
-    return {name: means[str(label)]["Dice"] for name, label in organs.items()}
-
-
-def summarise(dice: dict[str, float]) -> dict[str, float]:
-    from nnunet_diffusion.datasets.phantom import ORGAN_SIZE_GROUPS
-
-    summary = {"mean": float(np.mean(list(dice.values())))}
-    for group in SIZE_GROUPS:
-        summary[group] = float(np.mean([d for organ, d in dice.items() if ORGAN_SIZE_GROUPS[organ] == group]))
-    return summary
-
-
-def probe_plans() -> tuple:
-    """Plans manager, configuration manager and dataset.json of the preprocessed probe dataset."""
+def probe_plans(dataset: Dataset) -> tuple:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    folder = preprocessed_folder(PROBE_ID)
-    plans_manager = PlansManager(str(folder / f"{PLANS}.json"))
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans_manager = PlansManager(str(preprocessed(dataset) / f"{PLANS}.json"))
+    dataset_json = json.loads((preprocessed(dataset) / "dataset.json").read_text())
     return plans_manager, plans_manager.get_configuration(CONFIGURATION), dataset_json
 
 
-def probe_network(backbone: Backbone, weights: Path, plans: tuple, seed: int) -> torch.nn.Module:
-    """The probe trainer's network as nnUNetv2_train builds it, the backbone copied in by nnU-Net's
-    `load_pretrained_weights` (what -pretrained_weights does); the head is freshly initialised from `seed`."""
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-
-    from nnunet_diffusion.trainers import probes
-
-    plans_manager, configuration, dataset_json = plans
-    seed_everything(seed)
-    network = getattr(probes, backbone.probe_trainer).build_network_architecture(
-        plans_manager, configuration, len(dataset_json["channel_names"]),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
-    load_pretrained_weights(network, str(weights))
-    return network
-
-
-def probe_cases(data_identifier: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(image, labels) of every preprocessed probe case, loaded one at a time; voxels outside nnU-Net's crop mask
-    (−1) count as background."""
+def probe_cases(dataset: Dataset, data_identifier: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, labels) of every preprocessed probe case; voxels outside nnU-Net's crop mask (−1) are background."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-    data_folder = preprocessed_folder(PROBE_ID) / data_identifier
-    dataset = infer_dataset_class(str(data_folder))(str(data_folder))
-    for key in dataset.identifiers:
-        data, seg, _, _ = dataset.load_case(key)
+    folder = preprocessed(dataset) / data_identifier
+    cases = infer_dataset_class(str(folder))(str(folder))
+    for key in cases.identifiers:
+        data, seg, _, _ = cases.load_case(key)
         yield torch.from_numpy(np.asarray(data)).float(), torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)
 
 
-def probe_cached(backbone: Backbone, weights: Path, output: Path, seed: int, args: argparse.Namespace) -> dict:
-    """--probe-with cached: features once, head trained on them, test cases predicted by nnU-Net's predictor.
-    `seed` sets the head's initialisation, the cached voxels and the order of the batches."""
+def predict_test_cases(network: torch.nn.Module, dataset: Dataset, trainer_name: str, output: Path,
+                       device: str) -> None:
+    """nnU-Net's predictor (what nnUNetv2_predict runs) on the held-out cases, without test-time mirroring."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    from nnunet_diffusion.pretraining.cached_probing import cached_features, train_head_on_cached
-
-    plans_manager, configuration, dataset_json = plans = probe_plans()
-    network = probe_network(backbone, weights, plans, seed)
-    features, labels = cached_features(network, probe_cases(configuration.data_identifier), TILE, TILE_STRIDE,
-                                       args.voxels_per_tile, seed)
-    losses = train_head_on_cached(network, features, labels, args.probe_iterations, args.probe_lr,
-                                  args.probe_batch_voxels, seed)
-    network.eval()
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(args.device), allow_tqdm=False)
+    plans_manager, configuration, dataset_json = probe_plans(dataset)
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), allow_tqdm=False)
     predictor.manual_initialization(network, plans_manager, configuration, [network.state_dict()], dataset_json,
-                                    backbone.probe_trainer, None)
-    predict_test_cases(predictor, output)
-    return {"cached_voxels": len(labels), "head_loss_first_last_100": [float(np.mean(losses[:100])),
-                                                                       float(np.mean(losses[-100:]))]}
+                                    trainer_name, None)
+    predictor.predict_from_files(str(raw(dataset) / "imagesTs"), str(output), save_probabilities=False,
+                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
 
-def probe_with_trainer(backbone: Backbone, weights: Path, output: Path, seed: int, args: argparse.Namespace
-                       ) -> dict:
-    """--probe-with trainer: the probe trainer in nnU-Net's loop with -pretrained_weights, then its model folder."""
-    fold_folder = train(PROBE_ID, backbone.probe_trainer, args.probe_iterations, args, pretrained_weights=weights,
-                        seed=seed)
-    predict(fold_folder.parent, output, args.device)
-    shutil.move(str(fold_folder.parent), output.parent / f"model_seed{seed}")  # probes of a class share a folder
-    return {}
+def dice_by_label(predictions: Path, dataset: Dataset) -> dict[str, float]:
+    from nnunet_diffusion.evaluation.metrics import evaluate_folder
+    labels = {name: value for name, value in json.loads((raw(dataset) / "dataset.json").read_text())["labels"].items()
+              if value}
+    means = evaluate_folder(predictions, raw(dataset) / "labelsTs", list(labels.values()))["mean"]
+    return {name: means[str(value)]["Dice"] for name, value in labels.items()}
 
 
-def pretrained_weights(workdir: Path, backbone: Backbone, args: argparse.Namespace) -> Path:
-    """The backbone's pretraining checkpoint (trained here unless it exists); random init: a fresh network."""
-    if backbone.pretraining_trainer is None:
-        return random_init_checkpoint(workdir, "nnUNetTrainerDiffPretrain")
-    print(f"pretraining {backbone.pretraining_trainer}", flush=True)
-    return train(PRETRAIN_ID, backbone.pretraining_trainer, args.pretrain_iterations, args) / "checkpoint_final.pth"
+class VoxelMLP(torch.nn.Module):
+    """The probe head on the first `channels` input channels themselves, no backbone: the references' network."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        from nnunet_diffusion.pretraining.heads import NonLinearProbeHead
+        self.channels = channels
+        self.head = NonLinearProbeHead([channels], classes, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head([x[:, :self.channels]], x.shape[2:])
 
 
-def probe_backbone(workdir: Path, backbone: Backbone, bpr_checkpoint: Path, args: argparse.Namespace) -> dict:
-    """Pretrain (unless random init), probe the frozen backbone once per probe seed, predict and score; one row
-    with the means over the seeds and the spread of the mean Dice."""
-    from nnunet_diffusion.pretraining.bpr_guidance import BPR_CHECKPOINT_VARIABLE
+def cached(features_of, dataset: Dataset, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of a sample of the probe cases' voxels, drawn once per backbone (seed 0)."""
+    from nnunet_diffusion.pretraining.cached_probing import cached_features
+    configuration = probe_plans(dataset)[1]
+    return cached_features(features_of, probe_cases(dataset, configuration.data_identifier), TILE, TILE_STRIDE,
+                           args.voxels_per_tile, 0)
 
-    os.environ[BPR_CHECKPOINT_VARIABLE] = str(bpr_checkpoint)
-    key = backbone.pretraining_trainer or "random_init"
-    kept = workdir / f"probes_{args.probe_with}" / key
+
+def train_head(head: torch.nn.Module, level_channels: Sequence[int], features: tuple, seed: int,
+               args: argparse.Namespace) -> list[float]:
+    from nnunet_diffusion.pretraining.cached_probing import train_head_on_cached
+    return train_head_on_cached(head, level_channels, *features, args.probe_iterations, args.probe_lr,
+                                args.probe_batch_voxels, seed)
+
+
+def probe_network(arm: Arm, weights: Path, seed: int) -> torch.nn.Module:
+    """The probe trainer's network as nnUNetv2_train builds it, the backbone copied in by nnU-Net's
+    `load_pretrained_weights` (what -pretrained_weights does); the head initialised from `seed`."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    from nnunet_diffusion.trainers import probes
+    plans_manager, configuration, dataset_json = probe_plans(arm.probe_dataset)
+    seed_everything(seed)
+    network = getattr(probes, arm.probe_trainer).build_network_architecture(
+        plans_manager, configuration, len(dataset_json["channel_names"]),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
+    load_pretrained_weights(network, str(weights))
+    return network.eval()
+
+
+def scored(kept: Path, seed: int, run) -> dict:
+    """One probe seed: its predictions and record are kept, so a rerun scores them again without probing."""
+    predictions, record = kept / f"predictions_seed{seed}", kept / f"probing_seed{seed}.json"
+    if not predictions.is_dir():
+        started, unfinished = time.time(), kept / "predictions_tmp"
+        shutil.rmtree(unfinished, ignore_errors=True)
+        details = run(unfinished)
+        record.write_text(json.dumps({**details, "seconds": round(time.time() - started)}))
+        shutil.move(str(unfinished), predictions)
+    return {"predictions": predictions, **json.loads(record.read_text())}
+
+
+def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namespace) -> list[dict]:
+    """Pretrain (unless random init), cache the frozen features once, train the head once per probe seed,
+    predict and score; one row per probe seed."""
+    from nnunet_diffusion.pretraining.cached_probing import decoder_features_of
+    from nnunet_diffusion.pretraining.network import decoder_level_channels
+    kept = workdir / "probes" / arm.probe_dataset.folder / f"{arm.pretraining_trainer or arm.label}_seed{pretrain_seed}"
     kept.mkdir(parents=True, exist_ok=True)
-    weights, per_seed = None, []
-    for seed in args.probe_seeds:
-        predictions, record = kept / f"predictions_seed{seed}", kept / f"probing_seed{seed}.json"
-        if not predictions.is_dir():
-            if weights is None:
-                weights = pretrained_weights(workdir, backbone, args)
-            print(f"probing {key} with {backbone.probe_trainer} ({args.probe_with}, seed {seed})", flush=True)
-            started, unfinished = time.time(), kept / "predictions_tmp"
-            shutil.rmtree(unfinished, ignore_errors=True)
-            probing = PROBE_MODES[args.probe_with](backbone, weights, unfinished, seed, args)
-            record.write_text(json.dumps({**probing, "seconds": round(time.time() - started)}))
-            shutil.move(str(unfinished), predictions)
-        dice = dice_by_organ(predictions)
-        per_seed.append({"seed": seed, **summarise(dice), "dice_per_organ": dice,
-                         "probing": json.loads(record.read_text())})
-    organs = per_seed[0]["dice_per_organ"]
-    means = {name: float(np.mean([run[name] for run in per_seed])) for name in ("mean", *SIZE_GROUPS)}
-    return {"backbone": backbone.label, "T": backbone.timesteps, "pretraining": key, "probe": backbone.probe_trainer,
-            **means, "mean_per_seed": [run["mean"] for run in per_seed],
-            "dice_per_organ": {organ: float(np.mean([run["dice_per_organ"][organ] for run in per_seed]))
-                               for organ in organs}, "per_seed": per_seed}
+    cache: dict = {}
+
+    def run(seed: int):
+        def probe(output: Path) -> dict:
+            if "features" not in cache:
+                cache["weights"] = backbone_checkpoint(workdir, arm, pretrain_seed, args)
+                print(f"caching features: {arm.label} (T {arm.timesteps}, seed {pretrain_seed})", flush=True)
+                cache["features"] = cached(decoder_features_of(probe_network(arm, cache["weights"], 0)),
+                                           arm.probe_dataset, args)
+            network = probe_network(arm, cache["weights"], seed)
+            losses = train_head(network.head, decoder_level_channels(network.unet), cache["features"], seed, args)
+            predict_test_cases(network.eval(), arm.probe_dataset, arm.probe_trainer, output, args.device)
+            return {"cached_voxels": len(cache["features"][1]), "head_loss_first_last_100":
+                    [float(np.mean(losses[:100])), float(np.mean(losses[-100:]))]}
+        return probe
+    return [{"arm": arm.label, "T": arm.timesteps, "pretraining": arm.pretraining_trainer, "probe": arm.probe_trainer,
+             "pretrain_seed": pretrain_seed, "probe_seed": seed,
+             "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], arm.probe_dataset)}
+            for seed in args.probe_seeds]
 
 
-def bpr_ordering(fold_folder: Path) -> dict[str, float]:
-    """Mean validation Spearman per axis, from the bpr_validation.json that nnUNetTrainerBPR writes."""
-    validation = json.loads((fold_folder / "bpr_validation.json").read_text())
-    return validation["mean_per_axis"]
+def reference(workdir: Path, label: str, dataset: Dataset, channels: int, args: argparse.Namespace) -> list[dict]:
+    """The probe head on the first `channels` input channels (intensity; intensity + true coordinates)."""
+    plans_manager, _, dataset_json = probe_plans(dataset)
+    classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    kept = workdir / "probes" / dataset.folder / f"reference_{channels}_channels"
+    kept.mkdir(parents=True, exist_ok=True)
+    cache: dict = {}
+
+    def run(seed: int):
+        def probe(output: Path) -> dict:
+            if "features" not in cache:
+                cache["features"] = cached(lambda tile: tile[0, :channels], dataset, args)
+            seed_everything(seed)
+            network = VoxelMLP(channels, classes)
+            train_head(network.head, [channels], cache["features"], seed, args)
+            predict_test_cases(network.eval(), dataset, "reference", output, args.device)
+            return {}
+        return probe
+    return [{"arm": label, "T": None, "pretraining": None, "probe": "voxel MLP", "pretrain_seed": None,
+             "probe_seed": seed, "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], dataset)}
+            for seed in args.probe_seeds]
 
 
-def real_ct_ordering(workdir: Path, ct_files: list[Path], bpr_checkpoint: Path) -> dict[str, dict[str, float]]:
-    """Per-axis Spearman of the phantom-trained BPR on real CT volumes preprocessed with the pretraining plans."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+# --- BPR coordinates against true positions -----------------------------------------------------------------------
 
-    from nnunet_diffusion.bpr.model import load_bpr_from_nnunet_checkpoint
-    from nnunet_diffusion.bpr.coordinates import ordering_spearman
-    from nnunet_diffusion.datasets.unlabeled import images_to_dataset
+def coordinate_agreement(bpr: Path) -> dict:
+    """Per probe phantom (none of them seen by the BPR): its BPR coordinate channels (611) against the true ones
+    (621), per axis (they are constant across each slice, so one profile along the axis holds them); with the
+    ordering Spearman of the BPR's own validation (nnUNetTrainerBPR's bpr_validation.json)."""
+    import SimpleITK as sitk
 
-    folder = Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{REAL_CT_ID}_RealCT"
-    if not (folder / f"{PLANS}.json").is_file():
-        images = workdir / "real_ct_images"
-        shutil.rmtree(images, ignore_errors=True)
-        images.mkdir()
-        for file in ct_files:
-            shutil.copy(file, images / file.name)
-        images_to_dataset(images, os.environ["nnUNet_raw"], REAL_CT_ID, "RealCT", overwrite=True)
-        preprocess_with_pretraining_plans(REAL_CT_ID, workdir / "preprocessing.log")
-    configuration = PlansManager(str(folder / f"{PLANS}.json")).get_configuration(CONFIGURATION)
-    data_folder = folder / configuration.data_identifier
-    dataset = infer_dataset_class(str(data_folder))(str(data_folder))
-    model = load_bpr_from_nnunet_checkpoint(bpr_checkpoint).eval()
-    return {key: ordering_spearman(model, np.asarray(dataset.load_case(key)[0][0]), configuration.spacing)
-            for key in dataset.identifiers}
+    from nnunet_diffusion.bpr.coordinates import pooled_r2, position_agreement
+    axes = ("axial", "coronal", "sagittal")
+    profiles: dict[str, list] = {name: [] for name in axes}
+    per_case: dict[str, dict] = {}
 
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| backbone (frozen) | T | probe | mean Dice | big | medium | small | mean Dice per probe seed |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        seeds = " / ".join(f"{dice:.3f}" for dice in row["mean_per_seed"])
-        lines.append(f"| {row['backbone']} | {row['T'] or '—'} | {row['probe']} | {row['mean']:.3f} | "
-                     f"{row['big']:.3f} | {row['medium']:.3f} | {row['small']:.3f} | {seeds} |")
-    return "\n".join(lines)
+    def profile(dataset: Dataset, file: Path, axis: int) -> np.ndarray:
+        channel = file.parent.relative_to(raw(PROBE_COORD)) / file.name.replace("_0000.", f"_{1 + axis:04d}.")
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(raw(dataset) / channel)))
+        return np.moveaxis(array, axis, 0)[:, 0, 0].astype(float)
+    for file in sorted(raw(PROBE_COORD).glob("images*/*_0000.nii.gz")):
+        per_case[file.name[:-len("_0000.nii.gz")]] = rows = {}
+        for axis, name in enumerate(axes):
+            predicted, true = profile(PROBE_COORD, file, axis), profile(PROBE_TRUE, file, axis)
+            agreement = position_agreement(predicted, true)
+            rows[name] = {"slope": agreement.slope, "intercept": agreement.intercept}
+            profiles[name].append((predicted, true))
+    validation = json.loads((bpr.parent / "bpr_validation.json").read_text())["mean_per_axis"]
+    return {"per_case": per_case,
+            "pooled_r2": {name: pooled_r2(*zip(*pairs)) for name, pairs in profiles.items()},
+            "spearman": {name: validation[name] for name in axes}}
 
 
-PROBE_MODES = {"cached": probe_cached, "trainer": probe_with_trainer}
+def real_ct_organs(ct: Path, segmentation: Path, bpr: Path) -> dict:
+    """The BPR's axial coordinate at each labelled organ's centroid of the TotalSegmentator example, against the
+    organ's true cranio-caudal position (the scan's own z) and their order (Spearman over organs)."""
+    import SimpleITK as sitk
+    from scipy.stats import spearmanr
+
+    from nnunet_diffusion.datasets.coordinates import BPRCoordinates
+    organs = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "liver", 6: "stomach",
+              7: "pancreas", 8: "right adrenal", 9: "left adrenal", 52: "aorta"}
+    maps = BPRCoordinates(bpr)([ct])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(segmentation)))
+    image = sitk.ReadImage(str(ct))
+    rows = []
+    for value, name in organs.items():
+        voxels = np.argwhere(labels == value)
+        if len(voxels) == 0:
+            continue
+        z = float(voxels[:, 0].mean())
+        true_mm = image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, z))[2]
+        rows.append({"organ": name, "bpr_axial": float(maps[0, int(round(z)), 0, 0]), "true_z_mm": true_mm})
+    order = spearmanr([r["bpr_axial"] for r in rows], [r["true_z_mm"] for r in rows]).statistic
+    return {"organs": rows, "spearman_over_organs": float(order)}
+
+
+# --- tables ---------------------------------------------------------------------------------------------------------
+
+def organ_groups(dataset: Dataset) -> dict[str, str]:
+    return json.loads((raw(dataset) / "dataset.json").read_text()).get("organ_size_groups", {})
+
+
+def summary_rows(rows: list[dict], groups: dict[str, str]) -> list[dict]:
+    """Per arm and T: mean ± sd over every (pretraining seed, probe seed), the sd between pretraining seeds (of
+    their means over probe seeds) and between probe seeds (within a pretraining seed, averaged), per size group."""
+    table = []
+    for key in dict.fromkeys((r["arm"], r["T"]) for r in rows):
+        runs = [r for r in rows if (r["arm"], r["T"]) == key]
+        means = np.array([np.mean(list(r["dice"].values())) for r in runs])
+        by_pretraining = {}
+        for r, m in zip(runs, means):
+            by_pretraining.setdefault(r["pretrain_seed"], []).append(m)
+        entry = {"arm": key[0], "T": key[1], "pretraining_seeds": len(by_pretraining), "probe_seeds":
+                 len(runs) // len(by_pretraining), "mean": float(means.mean()),
+                 "sd": float(means.std(ddof=1)) if len(means) > 1 else None,
+                 "sd_pretraining": float(np.std([np.mean(v) for v in by_pretraining.values()], ddof=1))
+                 if len(by_pretraining) > 1 else None,
+                 "sd_probe": float(np.mean([np.std(v, ddof=1) for v in by_pretraining.values() if len(v) > 1]))
+                 if any(len(v) > 1 for v in by_pretraining.values()) else None,
+                 "per_label": {name: float(np.mean([r["dice"][name] for r in runs])) for name in runs[0]["dice"]}}
+        for group in sorted(set(groups.values()), key=SIZE_GROUPS.index):
+            entry[group] = float(np.mean([v for name, v in entry["per_label"].items() if groups.get(name) == group]))
+        table.append(entry)
+    return table
+
+
+def _f(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def markdown(table: list[dict], groups: Sequence[str], agreement: dict | None, real_ct: dict | None,
+             settings: str) -> str:
+    from nnunet_diffusion.utils import markdown_table
+    lines = ["# Frozen-backbone probing", "", settings, "",
+             markdown_table(["backbone (frozen)", "T", "pretraining seeds", "probe seeds", "mean Dice ± sd",
+                             "sd pretraining", "sd probe", *groups],
+                            [[r["arm"], r["T"] or "—", r["pretraining_seeds"], r["probe_seeds"],
+                              f"{r['mean']:.3f} ± {_f(r['sd'])}", _f(r["sd_pretraining"]), _f(r["sd_probe"]),
+                              *(_f(r.get(g)) for g in groups)] for r in table])]
+    labels = list(table[0]["per_label"]) if table else []
+    lines += ["", "Dice per label (mean over seeds):", "",
+              markdown_table(["backbone", "T", *labels], [[r["arm"], r["T"] or "—", *(_f(r["per_label"][n])
+                                                                                      for n in labels)] for r in table])]
+    if agreement:
+        lines += ["", "BPR coordinates against the true positions of the probe phantoms, which the BPR never saw "
+                  "(slope and intercept per case: 1 and one shared value for a perfect BPR; pooled R² of one line "
+                  "over all cases, so offsets between cases count; the Spearman of the BPR's whole-slice scores "
+                  "against slice order on its validation cases):", "",
+                  markdown_table(["case", *(f"{a} slope / intercept" for a in agreement["pooled_r2"])],
+                                 [[case, *(f"{v['slope']:.2f} / {v['intercept']:+.2f}" for v in rows.values())]
+                                  for case, rows in agreement["per_case"].items()]),
+                  "", markdown_table(["", *agreement["pooled_r2"]],
+                                     [["pooled R²", *(f"{v:.3f}" for v in agreement["pooled_r2"].values())],
+                                      ["Spearman (BPR validation)", *(_f(v) for v in agreement["spearman"].values())]])]
+    if real_ct:
+        lines += ["", f"The phantom-trained BPR on the TotalSegmentator example CT, at organ centroids (Spearman over "
+                  f"organs {real_ct['spearman_over_organs']:.2f}):", "",
+                  markdown_table(["organ", "BPR axial coordinate", "true z (mm)"],
+                                 [[r["organ"], f"{r['bpr_axial']:.2f}", f"{r['true_z_mm']:.0f}"]
+                                  for r in real_ct["organs"]])]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: Path, args: argparse.Namespace, rows: list[dict], groups: dict[str, str],
+                  extras: dict) -> None:
+    table = summary_rows(rows, groups)
+    settings = (f"`python experiments/pretraining_phantom.py {args.dataset}` with pretraining {args.pretrain_iterations}"
+                f" iterations, probes {args.probe_iterations} head steps on {args.voxels_per_tile} voxels per tile, "
+                f"pretraining seeds {args.pretrain_seeds}, probe seeds {args.probe_seeds}; "
+                f"{args.probe_cases} probe training cases, held-out cases scored: "
+                f"{len(list((raw(PROBE if args.dataset == 'phantom' else HIPPOCAMPUS_PROBE) / 'labelsTs').glob('*')))}.")
+    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "table": table, "runs": rows, **extras}
+    text = markdown(table, [g for g in SIZE_GROUPS if g in set(groups.values())], extras.get("coordinates"),
+                    extras.get("real_ct"), settings)
+    for folder in {workdir, args.results_dir} - {None}:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        (folder / "results.md").write_text(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=("phantom", "hippocampus"))
     parser.add_argument("--workdir", type=Path, required=True, help="nnU-Net folders and results go here")
-    parser.add_argument("--pretrain-cases", type=int, default=24, help="unlabelled phantom cases for pretraining")
-    parser.add_argument("--probe-cases", type=int, default=10, help="labelled phantom cases for the probes")
-    parser.add_argument("--test-cases", type=int, default=4, help="held-out labelled cases")
+    parser.add_argument("--results-dir", type=Path, help="also write results.json/md here")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
+    parser.add_argument("--pretrain-cases", type=int, default=24, help="phantom: unlabelled pretraining cases")
+    parser.add_argument("--probe-cases", type=int, default=10, help="labelled cases the probes are trained on")
+    parser.add_argument("--test-cases", type=int, default=4, help="phantom: held-out labelled cases")
     parser.add_argument("--bpr-iterations", type=int, default=600)
     parser.add_argument("--pretrain-iterations", type=int, default=1000)
-    parser.add_argument("--probe-with", choices=tuple(PROBE_MODES), default="cached",
-                        help="train the probe head on cached frozen features or with the probe trainer")
-    parser.add_argument("--probe-iterations", type=int, default=3000,
-                        help="head training steps (cached) or nnU-Net training iterations (trainer)")
-    parser.add_argument("--probe-lr", type=float, default=3e-3, help="Adam learning rate (cached probing)")
-    parser.add_argument("--probe-batch-voxels", type=int, default=8192, help="voxels per step (cached probing)")
-    parser.add_argument("--voxels-per-tile", type=int, default=2048, help="voxels cached per tile (cached probing)")
     parser.add_argument("--iterations-per-epoch", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0, help="the BPR and every pretraining start from this seed")
-    parser.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1],
-                        help="each backbone is probed once per seed; the table gives the means and each seed's")
+    parser.add_argument("--probe-iterations", type=int, default=3000, help="head training steps")
+    parser.add_argument("--probe-lr", type=float, default=3e-3, help="Adam learning rate of the head")
+    parser.add_argument("--probe-batch-voxels", type=int, default=8192)
+    parser.add_argument("--voxels-per-tile", type=int, default=2048)
+    parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sweep-prediction", choices=("epsilon", "x0"), default="x0",
+                        help="phantom: the diffusion + coordinates arm of the T sweep")
+    parser.add_argument("--arms", nargs="+", help="only the arms with these labels (e.g. for a quick look)")
+    parser.add_argument("--real-ct", action="store_true", help="phantom: also read the BPR at the organ centroids "
+                        "of the TotalSegmentator example CT")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--real-ct", type=Path, nargs="*", default=[],
-                        help="real CT files (.nii.gz) on which to measure the phantom-trained BPR's ordering")
     args = parser.parse_args()
 
     workdir = args.workdir.resolve()
@@ -377,23 +580,31 @@ def main() -> None:
     os.environ.update(with_plugin_environment())
     os.environ.setdefault("nnUNet_def_n_proc", "2")
 
-    started = time.time()
-    prepare_datasets(workdir, args)
-    print("training nnUNetTrainerBPR", flush=True)
-    bpr_folder = train(PRETRAIN_ID, "nnUNetTrainerBPR", args.bpr_iterations, args, final_validation=True)
-    rows = [probe_backbone(workdir, backbone, bpr_folder / "checkpoint_final.pth", args) for backbone in BACKBONES]
-    ordering = bpr_ordering(bpr_folder)
-    real_ct = real_ct_ordering(workdir, args.real_ct, bpr_folder / "checkpoint_final.pth") if args.real_ct else {}
-    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "bpr_spearman_per_axis": ordering,
-              "bpr_spearman_per_axis_real_ct": real_ct, "rows": rows, "total_seconds": round(time.time() - started)}
-    (workdir / "pretraining_experiment.json").write_text(json.dumps(result, indent=2))
-    print(f"\nBPR ordering of the pretraining phantom's validation cases (Spearman per axis): {ordering}")
-    for case, per_axis in real_ct.items():
-        print(f"BPR ordering of the real CT {case} (Spearman per axis): {per_axis}")
-    print(f"{args.test_cases} held-out phantom cases, {args.probe_cases} probe training cases, "
-          f"{args.pretrain_iterations} pretraining / {args.probe_iterations} probe iterations; "
-          f"{result['total_seconds'] / 60:.0f} min in this run (finished steps are skipped)\n")
-    print(markdown(rows))
+    extras: dict = {}
+    if args.dataset == "phantom":
+        bpr = prepare_phantom(workdir, args)
+        arms = phantom_arms(args.sweep_prediction)
+        extras["coordinates"] = coordinate_agreement(bpr)
+        if args.real_ct:
+            examples = args.data / "totalseg_examples"
+            extras["real_ct"] = real_ct_organs(examples / "example_ct.nii.gz", examples / "example_seg.nii.gz", bpr)
+        references = [("voxel MLP on intensity (floor)", PROBE, 1),
+                      ("voxel MLP on intensity + true coordinates (ceiling)", PROBE_TRUE, 4)]
+        groups = organ_groups(PROBE)
+    else:
+        prepare_hippocampus(workdir, args)
+        arms, references, groups = hippocampus_arms(), [("voxel MLP on intensity (floor)", HIPPOCAMPUS_PROBE, 1)], {}
+    if args.arms:
+        arms = [a for a in arms if a.label in args.arms]
+    rows: list[dict] = []
+    for label, dataset, channels in references:
+        rows += reference(workdir, label, dataset, channels, args)
+        write_results(workdir, args, rows, groups, extras)
+    for arm in arms:
+        for seed in args.pretrain_seeds if arm.main else args.pretrain_seeds[:1]:
+            rows += probe_arm(workdir, arm, seed, args)
+            write_results(workdir, args, rows, groups, extras)
+    print((workdir / "results.md").read_text())
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ seeds per backbone affordable on a CPU. The head and its input are exactly those
 (`head_on_voxels`), so a head trained here is the head `ProbeNetwork.forward` applies."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from nnunet_diffusion.pretraining.heads import concatenated_levels, head_on_voxels
-from nnunet_diffusion.pretraining.network import ProbeNetwork, decoder_level_channels
+from nnunet_diffusion.pretraining.network import ProbeNetwork
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -23,21 +23,26 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return sorted(set(range(0, length - tile, stride)) | {length - tile})
 
 
-@torch.no_grad()
-def cached_features(network: ProbeNetwork, cases: Iterable[tuple[torch.Tensor, torch.Tensor]], tile: int,
-                    stride: int, voxels_per_tile: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features (decoder levels upsampled and concatenated: what the head's first layer reads) and labels
-    of voxels sampled from overlapping tile³ tiles of every case, given as (image (C, *S), labels (*S)) pairs.
-    Half of each tile's sample is foreground (where there is any), so that small organs are represented."""
-    generator = torch.Generator().manual_seed(seed)
+def decoder_features_of(network: ProbeNetwork) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A probe network's frozen features of a (1, C, *tile) input: its decoder levels upsampled to the tile and
+    concatenated, (F, *tile), what the head's first layer reads."""
     network.eval()
+    return lambda tile: concatenated_levels(network.decoder_features(tile), tuple(tile.shape[2:]))[0]
+
+
+@torch.no_grad()
+def cached_features(features_of: Callable[[torch.Tensor], torch.Tensor],
+                    cases: Iterable[tuple[torch.Tensor, torch.Tensor]], tile: int, stride: int, voxels_per_tile: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (`features_of` a (1, C, *tile) tile → (F, *tile), e.g. `decoder_features_of(probe)`) and labels of
+    voxels sampled from overlapping tile³ tiles of every case, given as (image (C, *S), labels (*S)) pairs. Half of
+    each tile's sample is foreground (where there is any), so that small organs are represented."""
+    generator = torch.Generator().manual_seed(seed)
     features, labels = [], []
     for image, label in cases:
-        ndim = image.ndim - 1
         for start in _tile_grid(image.shape[1:], tile, stride):
             window = tuple(slice(s, s + tile) for s in start)
-            levels = network.decoder_features(image[(slice(None), *window)][None])
-            tile_features = concatenated_levels(levels, (tile,) * ndim).flatten(2)[0]
+            tile_features = features_of(image[(slice(None), *window)][None]).flatten(1)
             tile_labels = label[window].flatten()
             foreground = torch.nonzero(tile_labels > 0)[:, 0]
             chosen = foreground[torch.randperm(len(foreground), generator=generator)[:voxels_per_tile // 2]]
@@ -55,10 +60,11 @@ def _tile_grid(shape: torch.Size, tile: int, stride: int) -> list[tuple[int, ...
     return grid
 
 
-def train_head_on_cached(network: ProbeNetwork, features: torch.Tensor, labels: torch.Tensor, iterations: int,
-                         learning_rate: float, batch_voxels: int, seed: int) -> list[float]:
-    """Train the probe network's head in place on cached voxel features (Adam, cross-entropy); returns the losses."""
-    head, level_channels = network.head, decoder_level_channels(network.unet)
+def train_head_on_cached(head: torch.nn.Module, level_channels: Sequence[int], features: torch.Tensor,
+                         labels: torch.Tensor, iterations: int, learning_rate: float, batch_voxels: int, seed: int
+                         ) -> list[float]:
+    """Train a probe head in place on cached voxel features whose channels are `level_channels` per level (Adam,
+    cross-entropy); returns the losses."""
     optimizer = torch.optim.Adam(head.parameters(), learning_rate)
     generator = torch.Generator().manual_seed(seed)
     head.train()
