@@ -20,12 +20,21 @@ Studies (each one `nnunet-diffusion crossval` command, printed before it runs; r
   nnU-Net's 1e-2, against the `cv` study's stock and from-scratch recycling models (reused, not retrained).
 
 Everything goes under --workdir: `raw/`, `preprocessed/`, `<study>/` (the crossval outputs and their trainings).
+A run may span machines: `--kept DIR` copies the scores kept in DIR (`units/**/unit.json`, `ensemble.json`, as
+`nnunet-diffusion crossval` resumes from them) into the study's output before it runs and copies the study's
+scores and tables back to DIR after it; `keep` does the copying back alone, e.g. while a run goes on:
+
+    python experiments/recycling_crossval.py hippocampus cv --workdir /work/runs/hippo --epochs 20 \
+        --kept experiments/results/hippocampus/cv_epochs_20
+    python experiments/recycling_crossval.py hippocampus keep --workdir /work/runs/hippo --epochs 20 \
+        --kept experiments/results/hippocampus/cv_epochs_20 --kept-study cv
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -120,14 +129,14 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
         return [crossval(recipe, workdir, f"curves/epochs_{e}", [DIFF, RECYCLE], [0],
                          argparse.Namespace(**{**vars(args), "epochs": e}))
                 for e in args.curve_epochs]
-    cv_output = f"cv/epochs_{args.epochs}"
+    cv_output = study_output("cv", args)
     if study == "cv":
         repeats = ["--repeats", "2", "--repeat-trainers", *recipe.repeat_trainers] if recipe.repeat_trainers else []
         if recipe.repeat_folds:
             repeats += ["--repeat-folds", *map(str, recipe.repeat_folds)]
         return [crossval(recipe, workdir, cv_output, recipe.trainers, folds, args, *repeats)]
     if study == "finetune":
-        return [crossval(recipe, workdir, f"finetune/epochs_{args.epochs}", [RECYCLE, *FINETUNE_ARMS],
+        return [crossval(recipe, workdir, study_output("finetune", args), [RECYCLE, *FINETUNE_ARMS],
                          args.folds or [0, 1], args, "--results-root", str(workdir / cv_output / "results"),
                          "--trainer-epochs", *(f"{t}={e}" for t, e in FINETUNE_ARMS.items()))]
     models = cv_output if args.seed_models == "cv" else f"curves/epochs_{args.epochs}"
@@ -146,10 +155,26 @@ def curves_table(workdir: Path, epochs: Sequence[int]) -> str:
                           [[m, s, *(cells.get((e, m, s), "") for e in tables)] for m, s in rows]) + "\n"
 
 
+KEPT_FILES = ("units/**/unit.json", "units/**/ensemble.json", "results.json", "results.md", "per_case.csv", "*.png")
+
+
+def copy_kept(source: Path, target: Path, patterns: Sequence[str]) -> int:
+    """Copy the files matching `patterns` under source to the same places under target; returns how many."""
+    files = [f for pattern in patterns for f in source.glob(pattern) if f.is_file()]
+    for file in files:
+        (target / file.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target / file.relative_to(source))
+    return len(files)
+
+
+def study_output(study: str, args: argparse.Namespace) -> str:
+    return {"cv": f"cv/epochs_{args.epochs}", "finetune": f"finetune/epochs_{args.epochs}"}[study]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(RECIPES))
-    parser.add_argument("study", choices=("curves", "cv", "seeds", "finetune"))
+    parser.add_argument("study", choices=("curves", "cv", "seeds", "finetune", "keep"))
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--epochs", type=int, help="budget of the cv and seeds studies (default: the recipe's)")
@@ -161,15 +186,30 @@ def main(argv: list[str] | None = None) -> int:
                         "fold 0 of the cv study, or of the curves study, at --epochs")
     parser.add_argument("--patch-size", type=int, nargs="+", help="the preset's patch, fitted by `nnunet-diffusion "
                         "plans --patch-size` (only when the dataset is planned)")
+    parser.add_argument("--kept", type=Path, help="cv/finetune: scores kept from an earlier run, restored before and "
+                        "updated after it")
+    parser.add_argument("--kept-study", choices=("cv", "finetune"), default="cv", help="keep: whose scores")
     args = parser.parse_args(argv)
     recipe, workdir = RECIPES[args.dataset], args.workdir.resolve()
     for name in ("epochs", "iterations", "val_iterations"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(recipe, name))
+    if args.study == "keep":
+        if args.kept is None:
+            parser.error("keep needs --kept DIR")
+        copied = copy_kept(workdir / study_output(args.kept_study, args), args.kept, KEPT_FILES)
+        print(f"kept {copied} file(s) in {args.kept}")
+        return 0
+    output = workdir / study_output(args.study, args) if args.study in ("cv", "finetune") else None
+    if args.kept is not None and output is not None:
+        print(f"restored {copy_kept(args.kept, output, KEPT_FILES[:2])} kept score file(s) into {output}")
     prepare(recipe, workdir, args.data, args.patch_size)
     for command in study_commands(recipe, args.study, workdir, args):
         print("$ " + " ".join(command), flush=True)
-        if subprocess.run(command, env=nnunet_env(workdir)).returncode:
+        finished = subprocess.run(command, env=nnunet_env(workdir)).returncode == 0
+        if args.kept is not None and output is not None:
+            copy_kept(output, args.kept, KEPT_FILES)
+        if not finished:
             return 1
     if args.study == "curves":
         (workdir / "curves" / "results.md").write_text(curves_table(workdir, args.curve_epochs))
