@@ -13,7 +13,8 @@ the cpu_tiny preset is derived in all. Arms (each frozen and probed):
     random init / + coordinates            a freshly built backbone, never trained
     restorative / + coordinates            nnUNetTrainerRestorePretrain(Coord)
     diffusion ε and x0 / + coordinates     nnUNetTrainerDiffPretrain(X0), nnUNetTrainerDiffPretrainCoord(X0), T = 10
-    the T sweep                            the diffusion + coordinates arm of --sweep-prediction at T = 1, 3, 30, 100, 1000
+    the T sweep                            the diffusion + coordinates arm of --sweep-prediction at T = 1, 3, 30,
+                                           100, 1000
 
 with --pretrain-seeds for the main arms (one for the sweep) and --probe-seeds per backbone, and two references:
 a voxel MLP (the probe head) on the intensity alone (the floor) and on the intensity plus the true coordinates
@@ -507,8 +508,8 @@ def markdown(table: list[dict], groups: Sequence[str], agreement: dict | None, r
                               *(_f(r.get(g)) for g in groups)] for r in table])]
     labels = list(table[0]["per_label"]) if table else []
     lines += ["", "Dice per label (mean over seeds):", "",
-              markdown_table(["backbone", "T", *labels], [[r["arm"], r["T"] or "—", *(_f(r["per_label"][n])
-                                                                                      for n in labels)] for r in table])]
+              markdown_table(["backbone", "T", *labels],
+                             [[r["arm"], r["T"] or "—", *(_f(r["per_label"][n]) for n in labels)] for r in table])]
     if agreement:
         lines += ["", "BPR coordinates against the true positions of the probe phantoms, which the BPR never saw "
                   "(slope and intercept per case: 1 and one shared value for a perfect BPR; pooled R² of one line "
@@ -532,11 +533,12 @@ def markdown(table: list[dict], groups: Sequence[str], agreement: dict | None, r
 def write_results(workdir: Path, args: argparse.Namespace, rows: list[dict], groups: dict[str, str],
                   extras: dict) -> None:
     table = summary_rows(rows, groups)
-    settings = (f"`python experiments/pretraining_phantom.py {args.dataset}` with pretraining {args.pretrain_iterations}"
-                f" iterations, probes {args.probe_iterations} head steps on {args.voxels_per_tile} voxels per tile, "
-                f"pretraining seeds {args.pretrain_seeds}, probe seeds {args.probe_seeds}; "
-                f"{args.probe_cases} probe training cases, held-out cases scored: "
-                f"{len(list((raw(PROBE if args.dataset == 'phantom' else HIPPOCAMPUS_PROBE) / 'labelsTs').glob('*')))}.")
+    held_out = raw(PROBE if args.dataset == "phantom" else HIPPOCAMPUS_PROBE) / "labelsTs"
+    settings = (f"`python experiments/pretraining_phantom.py {args.dataset}` with pretraining "
+                f"{args.pretrain_iterations} iterations, probes {args.probe_iterations} head steps on "
+                f"{args.voxels_per_tile} voxels per tile, pretraining seeds {args.pretrain_seeds}, probe seeds "
+                f"{args.probe_seeds}; {args.probe_cases} probe training cases, {len(list(held_out.glob('*')))} "
+                f"held-out cases scored.")
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "table": table, "runs": rows, **extras}
     text = markdown(table, [g for g in SIZE_GROUPS if g in set(groups.values())], extras.get("coordinates"),
                     extras.get("real_ct"), settings)

@@ -67,7 +67,8 @@ def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dat
     resumed = capsys.readouterr().out
     assert "train nnUNetTrainer repeat 0 fold 0" not in resumed and "predict nnUNetTrainerDiffRecycle repeat 0 fold 0" \
         not in resumed
-    assert "train nnUNetTrainer repeat 0 fold 1" in resumed and "train nnUNetTrainerDiffRecycle repeat 0 fold 1" in resumed
+    assert "train nnUNetTrainer repeat 0 fold 1" in resumed
+    assert "train nnUNetTrainerDiffRecycle repeat 0 fold 1" in resumed
     units = json.loads((output / "results.json").read_text())["units"]
     assert [u["training"] for u in units[:2]] == [u["training"] for u in result["units"][:2]]
     assert all((output / "results" / "Dataset993_CrossVal" / f"{t}__nnUNetPlansCPU__3d_cpu" / "fold_1" /

@@ -120,8 +120,8 @@ def test_cached_features_are_the_probe_networks_own_features_of_the_sampled_voxe
     network = cached_probe(preprocessed_plans, tmp_path)
     image = torch.randn(1, 32, 32, 32)
     voxel_index = torch.arange(32 ** 3).reshape(32, 32, 32)  # as labels: tell which voxels were sampled
-    features, labels = cached_features(decoder_features_of(network), [(image, voxel_index)], tile=32, stride=16, voxels_per_tile=64,
-                                       seed=0)
+    features, labels = cached_features(decoder_features_of(network), [(image, voxel_index)], tile=32, stride=16,
+                                       voxels_per_tile=64, seed=0)
     assert features.shape[0] == labels.shape[0] == 64
     with torch.no_grad():
         logits = network(image[None]).flatten(2)[0].T[labels]
@@ -133,8 +133,8 @@ def test_cached_sampling_takes_half_of_each_tile_from_the_foreground(preprocesse
     network = cached_probe(preprocessed_plans, tmp_path)
     label = torch.zeros(32, 32, 40, dtype=torch.long)
     label[4:8, 4:8, 4:8] = 2  # 64 foreground voxels
-    _, labels = cached_features(decoder_features_of(network), [(torch.randn(1, 32, 32, 40), label)], tile=32, stride=16,
-                                voxels_per_tile=100, seed=0)
+    _, labels = cached_features(decoder_features_of(network), [(torch.randn(1, 32, 32, 40), label)], tile=32,
+                                stride=16, voxels_per_tile=100, seed=0)
     assert len(labels) == 2 * 100  # two tiles along the last axis
     assert (labels[:100] > 0).sum() >= 50  # the first tile holds the organ
 
@@ -143,7 +143,8 @@ def test_training_on_cached_features_changes_only_the_head_and_lowers_the_loss(p
     network = cached_probe(preprocessed_plans, tmp_path)
     image = torch.randn(1, 32, 32, 32)
     label = (image[0] > 0.5).long() + (image[0] > 1.5).long()
-    features, labels = cached_features(decoder_features_of(network), [(image, label)], tile=32, stride=16, voxels_per_tile=2048, seed=0)
+    features, labels = cached_features(decoder_features_of(network), [(image, label)], tile=32, stride=16,
+                                       voxels_per_tile=2048, seed=0)
     backbone = {k: v.clone() for k, v in network.state_dict().items() if not k.startswith("head.")}
     losses = train_head_on_cached(network.head, decoder_level_channels(network.unet), features, labels,
                                   iterations=60, learning_rate=1e-2, batch_voxels=512, seed=0)

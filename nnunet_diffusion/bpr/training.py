@@ -2,7 +2,8 @@
 
 A training sample is `num_slices` equidistant whole slices along one axis (the full field of view, resampled
 to the BPR's slice size), `gap` voxels apart (physical step Δmm = gap × spacing, known), as bpreg trains on whole
-axial slices: a slice's score then depends on the anatomy it shows, not on where a window was cut. With Δs_i the consecutive score steps and
+axial slices: a slice's score then depends on the anatomy it shows, not on where a window was cut. With Δs_i the
+consecutive score steps and
 t = Δmm / mm_per_unit their target (scores are coordinates in units of mm_per_unit = 100 mm), all terms are
 measured in units of δ = 10 mm / mm_per_unit so that their gradients are O(1) and bounded:
 

@@ -123,7 +123,8 @@ def write_coordinate_channels(source, image_folder: Path, output_folder: Path, n
         maps = source(files)
         reference = sitk.ReadImage(str(files[0]))
         if maps.shape[1:] != reference.GetSize()[::-1]:
-            raise ValueError(f"coordinates of shape {maps.shape[1:]} for {files[0]} of size {reference.GetSize()[::-1]}")
+            raise ValueError(f"coordinates of shape {maps.shape[1:]} for {files[0]} of size "
+                             f"{reference.GetSize()[::-1]}")
         for file in files:
             shutil.copyfile(file, output_folder / file.name)
         for k in range(COORDINATE_CHANNELS):

@@ -255,7 +255,8 @@ def archived_unit(cv: CrossValidation, unit: Unit, cases: Sequence[str]) -> tupl
     for member in dict.fromkeys([*group, cv.baseline_of(unit)]):
         record = _read_record(cv.unit_output(member) / UNIT_RECORD)
         if record is None or record["key"]["options"] != _as_json(asdict(_unit_options(cv, member))) or \
-                record["key"]["cases"] != sorted(cases) or record["training"]["budget"] != _budget_record(cv.budget_of(member.trainer)):
+                record["key"]["cases"] != sorted(cases) or \
+                record["training"]["budget"] != _budget_record(cv.budget_of(member.trainer)):
             return None
         records[member] = record
     ensembles = {}

@@ -136,7 +136,7 @@ class nnUNetTrainerDiffPretrainX0(nnUNetTrainerDiffPretrain):
 
 
 class nnUNetTrainerDiffPretrainCoord(nnUNetTrainerDiffPretrain):
-    """Diffusion pretraining guided by the dataset's anatomical coordinate channels (Li et al. 2025's BPR guidance)."""
+    """Diffusion pretraining guided by the dataset's anatomical coordinate channels (Li et al.'s BPR guidance)."""
     backbone = DIFFUSION_COORD
 
 
@@ -184,7 +184,7 @@ class nnUNetTrainerDiffPretrainCoord_T100(nnUNetTrainerDiffPretrainCoord):
 
 
 class nnUNetTrainerDiffPretrainCoord_T1000(nnUNetTrainerDiffPretrainCoord):
-    """nnUNetTrainerDiffPretrainCoord with T = 1000 (ᾱ at the last step 4e-5 (pure noise)), for the timestep ablation."""
+    """nnUNetTrainerDiffPretrainCoord with T = 1000 (ᾱ at the last step 4e-5, pure noise): timestep ablation."""
     num_timesteps = 1000
 
 
@@ -209,7 +209,7 @@ class nnUNetTrainerDiffPretrainCoordX0_T100(nnUNetTrainerDiffPretrainCoordX0):
 
 
 class nnUNetTrainerDiffPretrainCoordX0_T1000(nnUNetTrainerDiffPretrainCoordX0):
-    """nnUNetTrainerDiffPretrainCoordX0 with T = 1000 (ᾱ at the last step 4e-5 (pure noise)), for the timestep ablation."""
+    """nnUNetTrainerDiffPretrainCoordX0 with T = 1000 (ᾱ at the last step 4e-5, pure noise): timestep ablation."""
     num_timesteps = 1000
 
 
