@@ -50,7 +50,7 @@ def test_fine_tuning_starts_from_exactly_the_stock_models_predictions(demo_datas
         expected = stock.eval()(image)[0]
         sampled = network.sample(image, SamplerSettings(sampler="ddpm", steps=2, seed=1))
     torch.testing.assert_close(sampled, expected, rtol=1e-4, atol=1e-4)
-    assert trainer.initial_lr == trainer.finetune_initial_lr < 1e-2
+    assert trainer.initial_lr == trainer.finetune_initial_lr == (1e-2 if "FullLR" in name else 1e-3)
 
 
 def test_a_stock_model_of_other_plans_or_a_missing_one_is_refused(demo_dataset, stock_fold, tmp_path, monkeypatch):
