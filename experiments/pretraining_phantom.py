@@ -31,7 +31,9 @@ Probes are trained on cached frozen features (`nnunet_diffusion.pretraining.cach
 once per backbone on overlapping tiles of the probe cases, and each probe seed trains the head on a sample of
 those voxels (half foreground) with Adam and cross-entropy; the probe network then predicts the held-out cases
 through nnU-Net's predictor (no mirroring). Finished steps are skipped when the script runs again on the same
---workdir; results.json and results.md are rewritten after every probe (and copied to --results-dir).
+--workdir; results.json and results.md are rewritten after every probe (and copied to --results-dir). Where the
+--workdir is gone (a run that spans sessions), the rows of --results-dir's results.json written with the same
+settings are kept and only the missing ones are pretrained and probed.
 """
 from __future__ import annotations
 
@@ -358,7 +360,37 @@ def scored(kept: Path, seed: int, run) -> dict:
     return {"predictions": predictions, **json.loads(record.read_text())}
 
 
-def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namespace) -> list[dict]:
+ROW_SETTINGS = ("dataset", "pretrain_cases", "probe_cases", "test_cases", "bpr_iterations", "pretrain_iterations",
+                "iterations_per_epoch", "probe_iterations", "probe_lr", "probe_batch_voxels", "voxels_per_tile")
+
+
+def row_key(row: dict) -> tuple:
+    return row["arm"], row["T"], row["pretrain_seed"], row["probe_seed"]
+
+
+def kept_rows(args: argparse.Namespace) -> dict[tuple, dict]:
+    """The rows of --results-dir's results.json when it was written with the same settings, by row_key: a run whose
+    --workdir is gone (it spans sessions) resumes from them instead of pretraining and probing again."""
+    file = args.results_dir / "results.json" if args.results_dir else None
+    if file is None or not file.is_file():
+        return {}
+    earlier = json.loads(file.read_text())
+    differing = [k for k in ROW_SETTINGS if earlier["settings"].get(k) != str(getattr(args, k))]
+    if differing:
+        print(f"{file}: written with other --{', --'.join(differing).replace('_', '-')}; its rows are not reused",
+              flush=True)
+        return {}
+    return {row_key(row): row for row in earlier["runs"]}
+
+
+def rows_of_probe_seeds(make_row, label: str, timesteps: int | None, pretrain_seed: int | None,
+                        args: argparse.Namespace, kept: dict[tuple, dict]) -> list[dict]:
+    """One row per probe seed: kept (see kept_rows) or made by `make_row(seed)`."""
+    return [kept.get((label, timesteps, pretrain_seed, seed)) or make_row(seed) for seed in args.probe_seeds]
+
+
+def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namespace,
+              kept_rows: dict[tuple, dict]) -> list[dict]:
     """Pretrain (unless random init), cache the frozen features once, train the head once per probe seed,
     predict and score; one row per probe seed."""
     from nnunet_diffusion.pretraining.cached_probing import decoder_features_of
@@ -380,13 +412,15 @@ def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namesp
             return {"cached_voxels": len(cache["features"][1]), "head_loss_first_last_100":
                     [float(np.mean(losses[:100])), float(np.mean(losses[-100:]))]}
         return probe
-    return [{"arm": arm.label, "T": arm.timesteps, "pretraining": arm.pretraining_trainer, "probe": arm.probe_trainer,
-             "pretrain_seed": pretrain_seed, "probe_seed": seed,
-             "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], arm.probe_dataset)}
-            for seed in args.probe_seeds]
+    return rows_of_probe_seeds(
+        lambda seed: {"arm": arm.label, "T": arm.timesteps, "pretraining": arm.pretraining_trainer,
+                      "probe": arm.probe_trainer, "pretrain_seed": pretrain_seed, "probe_seed": seed,
+                      "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], arm.probe_dataset)},
+        arm.label, arm.timesteps, pretrain_seed, args, kept_rows)
 
 
-def reference(workdir: Path, label: str, dataset: Dataset, channels: int, args: argparse.Namespace) -> list[dict]:
+def reference(workdir: Path, label: str, dataset: Dataset, channels: int, args: argparse.Namespace,
+              kept_rows: dict[tuple, dict]) -> list[dict]:
     """The probe head on the first `channels` input channels (intensity; intensity + true coordinates)."""
     plans_manager, _, dataset_json = probe_plans(dataset)
     classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
@@ -404,9 +438,10 @@ def reference(workdir: Path, label: str, dataset: Dataset, channels: int, args: 
             predict_test_cases(network.eval(), dataset, "reference", output, args.device)
             return {}
         return probe
-    return [{"arm": label, "T": None, "pretraining": None, "probe": "voxel MLP", "pretrain_seed": None,
-             "probe_seed": seed, "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], dataset)}
-            for seed in args.probe_seeds]
+    return rows_of_probe_seeds(
+        lambda seed: {"arm": label, "T": None, "pretraining": None, "probe": "voxel MLP", "pretrain_seed": None,
+                      "probe_seed": seed, "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], dataset)},
+        label, None, None, args, kept_rows)
 
 
 # --- BPR coordinates against true positions -----------------------------------------------------------------------
@@ -575,6 +610,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = args.workdir.resolve()
+    kept = kept_rows(args)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (workdir / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(workdir / name)  # before nnunetv2 is imported: it reads them once
@@ -600,11 +636,11 @@ def main() -> None:
         arms = [a for a in arms if a.label in args.arms]
     rows: list[dict] = []
     for label, dataset, channels in references:
-        rows += reference(workdir, label, dataset, channels, args)
+        rows += reference(workdir, label, dataset, channels, args, kept)
         write_results(workdir, args, rows, groups, extras)
     for arm in arms:
         for seed in args.pretrain_seeds if arm.main else args.pretrain_seeds[:1]:
-            rows += probe_arm(workdir, arm, seed, args)
+            rows += probe_arm(workdir, arm, seed, args, kept)
             write_results(workdir, args, rows, groups, extras)
     print((workdir / "results.md").read_text())
 
