@@ -390,7 +390,7 @@ def rows_of_probe_seeds(make_row, label: str, timesteps: int | None, pretrain_se
 
 
 def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namespace,
-              kept_rows: dict[tuple, dict]) -> list[dict]:
+              earlier_rows: dict[tuple, dict]) -> list[dict]:
     """Pretrain (unless random init), cache the frozen features once, train the head once per probe seed,
     predict and score; one row per probe seed."""
     from nnunet_diffusion.pretraining.cached_probing import decoder_features_of
@@ -416,11 +416,11 @@ def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namesp
         lambda seed: {"arm": arm.label, "T": arm.timesteps, "pretraining": arm.pretraining_trainer,
                       "probe": arm.probe_trainer, "pretrain_seed": pretrain_seed, "probe_seed": seed,
                       "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], arm.probe_dataset)},
-        arm.label, arm.timesteps, pretrain_seed, args, kept_rows)
+        arm.label, arm.timesteps, pretrain_seed, args, earlier_rows)
 
 
 def reference(workdir: Path, label: str, dataset: Dataset, channels: int, args: argparse.Namespace,
-              kept_rows: dict[tuple, dict]) -> list[dict]:
+              earlier_rows: dict[tuple, dict]) -> list[dict]:
     """The probe head on the first `channels` input channels (intensity; intensity + true coordinates)."""
     plans_manager, _, dataset_json = probe_plans(dataset)
     classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
@@ -441,7 +441,7 @@ def reference(workdir: Path, label: str, dataset: Dataset, channels: int, args: 
     return rows_of_probe_seeds(
         lambda seed: {"arm": label, "T": None, "pretraining": None, "probe": "voxel MLP", "pretrain_seed": None,
                       "probe_seed": seed, "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], dataset)},
-        label, None, None, args, kept_rows)
+        label, None, None, args, earlier_rows)
 
 
 # --- BPR coordinates against true positions -----------------------------------------------------------------------
