@@ -16,10 +16,11 @@ the cpu_tiny preset is derived in all. Arms (each frozen and probed):
     the T sweep                            the diffusion + coordinates arm of --sweep-prediction at T = 1, 3, 30,
                                            100, 1000
 
-with --pretrain-seeds for the main arms (one for the sweep) and --probe-seeds per backbone, and two references:
-a voxel MLP (the probe head) on the intensity alone (the floor) and on the intensity plus the true coordinates
-(the ceiling). Dice on the held-out phantoms, overall and per organ-size group (big: liver, spleen, kidneys,
-stomach; medium: aorta, pancreas, gallbladder; small: adrenals), as the paper's Figure 2. The BPR's coordinates
+with --pretrain-seeds for the main arms (one for the sweep) and --probe-seeds per backbone, and three references:
+a voxel MLP (the probe head) on the intensity alone (the floor), on the intensity plus the BPR's coordinates (what
+the coordinates alone give a probe) and on the intensity plus the true coordinates (the ceiling). Dice on the
+held-out phantoms, overall and per organ-size group (big: liver, spleen, kidneys, stomach; medium: aorta,
+pancreas, gallbladder; small: adrenals), as the paper's Figure 2. The BPR's coordinates
 are also compared with the true positions (per held-out phantom: slope and intercept per axis, pooled R², next to
 the Spearman) and, with --real-ct, read at the organ centroids of the TotalSegmentator example CT.
 
@@ -627,6 +628,7 @@ def main() -> None:
             examples = args.data / "totalseg_examples"
             extras["real_ct"] = real_ct_organs(examples / "example_ct.nii.gz", examples / "example_seg.nii.gz", bpr)
         references = [("voxel MLP on intensity (floor)", PROBE, 1),
+                      ("voxel MLP on intensity + BPR coordinates", PROBE_COORD, 4),
                       ("voxel MLP on intensity + true coordinates (ceiling)", PROBE_TRUE, 4)]
         groups = organ_groups(PROBE)
     else:

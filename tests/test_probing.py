@@ -129,6 +129,21 @@ def test_cached_features_are_the_probe_networks_own_features_of_the_sampled_voxe
     assert torch.allclose(cached, logits, atol=1e-4)
 
 
+def test_a_case_shorter_than_the_tile_is_padded_as_the_predictor_pads_it_and_only_its_voxels_are_sampled(
+        preprocessed_plans, tmp_path):
+    network = cached_probe(preprocessed_plans, tmp_path)
+    image = torch.randn(1, 31, 32, 20)
+    voxel_index = torch.arange(31 * 32 * 20).reshape(31, 32, 20)
+    features, labels = cached_features(decoder_features_of(network), [(image, voxel_index)], tile=32, stride=16,
+                                       voxels_per_tile=256, seed=0)
+    assert len(labels) == 256 and labels.min() >= 0
+    padded = torch.nn.functional.pad(image, (6, 6, 0, 0, 0, 1))  # nnU-Net's pad_nd_image: half below, rest above
+    with torch.no_grad():
+        logits = network(padded[None])[0][:, :31, :, 6:26].flatten(1).T[labels]
+        cached = head_on_voxels(network.head, features, decoder_level_channels(network.unet))
+    assert torch.allclose(cached, logits, atol=1e-4)
+
+
 def test_cached_sampling_takes_half_of_each_tile_from_the_foreground(preprocessed_plans, tmp_path):
     network = cached_probe(preprocessed_plans, tmp_path)
     label = torch.zeros(32, 32, 40, dtype=torch.long)

@@ -35,22 +35,36 @@ def cached_features(features_of: Callable[[torch.Tensor], torch.Tensor],
                     cases: Iterable[tuple[torch.Tensor, torch.Tensor]], tile: int, stride: int, voxels_per_tile: int,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (`features_of` a (1, C, *tile) tile → (F, *tile), e.g. `decoder_features_of(probe)`) and labels of
-    voxels sampled from overlapping tile³ tiles of every case, given as (image (C, *S), labels (*S)) pairs. Half of
-    each tile's sample is foreground (where there is any), so that small organs are represented."""
+    voxels sampled from overlapping tile³ tiles of every case, given as (image (C, *S), labels (*S)) pairs (a case
+    shorter than a tile is padded as nnU-Net's predictor pads it). Half of each tile's sample is foreground (where
+    there is any), so that small organs are represented."""
     generator = torch.Generator().manual_seed(seed)
     features, labels = [], []
     for image, label in cases:
+        image, label = padded_to_tile(image, label, tile)
         for start in _tile_grid(image.shape[1:], tile, stride):
             window = tuple(slice(s, s + tile) for s in start)
             tile_features = features_of(image[(slice(None), *window)][None]).flatten(1)
             tile_labels = label[window].flatten()
             foreground = torch.nonzero(tile_labels > 0)[:, 0]
+            inside = torch.nonzero(tile_labels >= 0)[:, 0]
             chosen = foreground[torch.randperm(len(foreground), generator=generator)[:voxels_per_tile // 2]]
-            rest = torch.randint(len(tile_labels), (voxels_per_tile - len(chosen),), generator=generator)
+            rest = inside[torch.randint(len(inside), (voxels_per_tile - len(chosen),), generator=generator)]
             chosen = torch.cat([chosen, rest])
             features.append(tile_features[:, chosen].T.clone())
             labels.append(tile_labels[chosen])
     return torch.cat(features), torch.cat(labels)
+
+
+def padded_to_tile(image: torch.Tensor, label: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A case shorter than the tile along an axis, padded there with zeros on both sides as nnU-Net's predictor
+    pads an image smaller than its patch, so its features are computed as at prediction; the padded voxels get
+    the label -1 and are never sampled."""
+    missing = [max(0, tile - length) for length in image.shape[1:]]
+    if not any(missing):
+        return image, label
+    widths = [w for m in reversed(missing) for w in (m // 2, m - m // 2)]
+    return torch.nn.functional.pad(image, widths), torch.nn.functional.pad(label, widths, value=-1)
 
 
 def _tile_grid(shape: torch.Size, tile: int, stride: int) -> list[tuple[int, ...]]:
