@@ -38,7 +38,7 @@ from pathlib import Path
 from nnunet_diffusion.environment import plugin_command
 from nnunet_diffusion.evaluation.cross_validation import (CrossValidation, CrossValidationError,
                                                           run_cross_validation)
-from nnunet_diffusion.evaluation.evaluate import options_from_args
+from nnunet_diffusion.evaluation.evaluate import add_sampling_arguments, options_from_args
 from nnunet_diffusion.evaluation.splits import NNUNET_SPLIT_SEED
 from nnunet_diffusion.utils import TrainingBudget
 
@@ -97,16 +97,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--results-root", type=Path, help="nnUNet_results of the first training run (default: "
                         "<output>/results); further runs go to <results-root>/crossval_repeat_<r>")
     parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("--samplers", nargs="+", default=["ddim", "ddpm"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds (≥ 2 for the seed "
-                        "spread; default 0)")
-    parser.add_argument("--steps", type=int, help="sampling steps K (default: each model's training timesteps)")
-    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    parser.add_argument("-device", "--device", default="cpu", help="cuda, cpu or mps (default cpu)")
-    parser.add_argument("--disable-tta", "--disable_tta", action="store_true", help="no mirroring at test time")
-    args = parser.parse_args(argv)
-    args.early_exit, args.per_k = None, False
-    return args
+    add_sampling_arguments(parser, samplers=("ddim", "ddpm"), seeds=(0,), device="cpu")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:

@@ -23,6 +23,7 @@ deterministic, so step K of these runs is exactly what `nnUNetv2_predict` writes
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,24 +33,36 @@ from nnunet_diffusion.environment import plugin_command
 from nnunet_diffusion.evaluation.model_evaluation import EvaluationOptions, evaluate_models
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser, samplers: Sequence[str] = ("ddpm", "ddim"),
+                           seeds: Sequence[int] = (0, 1, 2, 3, 4), device: str | None = None) -> None:
+    """How held-out cases are predicted, shared by `evaluate`, `ablate` and `crossval`: checkpoint, sampling grid,
+    device and test-time augmentation, with each command's defaults (without the step-count studies, which only
+    `evaluate` and `ablate` offer)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("--samplers", nargs="+", default=list(samplers), choices=SAMPLERS,
+                        help=f"default: {' '.join(samplers)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds),
+                        help="noise seeds per sampler (≥ 2 for the seed spread; default: "
+                             f"{' '.join(map(str, seeds))})")
+    parser.add_argument("--steps", type=int, help="sampling steps K (default: each model's training timesteps)")
+    parser.add_argument("-device", "--device", default=device,
+                        help=f"cuda, cpu or mps, as for nnUNetv2_predict (default: {device})")
+    parser.add_argument("--disable-tta", "--disable_tta", action="store_true", help="no mirroring at test time")
+    parser.set_defaults(early_exit=None, per_k=False)
+
+
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared with `ablate`: folds, checkpoint, device, test-time augmentation and the sampling grid."""
+    """`evaluate` and `ablate`: the folds a model predicts with, the sampling options and the step-count studies."""
     parser.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to use; their logits are averaged "
                         "as by nnUNetv2_predict (default: 0)")
-    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=SAMPLERS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
-                        help="noise seeds per sampler (≥ 2 for the seed spread; default: 0 1 2 3 4)")
-    parser.add_argument("--steps", type=int, help="sampling steps K (default: each model's training timesteps)")
+    add_sampling_arguments(parser)
     parser.add_argument("--early-exit", type=float, metavar="TOL",
                         help="also sample with this early-exit tolerance and report the mean steps used and the "
                              "Dice cost against the full K steps")
     parser.add_argument("--per-k", action="store_true",
                         help="also run every diffusion model separately with K = 1 … T steps and report Dice and "
                              "predict time per case for each (and for early exit and the stock models)")
-    parser.add_argument("-device", "--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda, cpu or mps, as for nnUNetv2_predict")
-    parser.add_argument("--disable-tta", "--disable_tta", action="store_true", help="no mirroring at test time")
 
 
 def options_from_args(args: argparse.Namespace, save_probabilities: bool) -> EvaluationOptions:
