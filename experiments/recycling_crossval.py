@@ -12,7 +12,8 @@ Studies (each one `nnunet-diffusion crossval` command, printed before it runs; r
 - `curves`: fold 0, stock / Diff / Recycle trained for each of --curve-epochs (separate trainings, nnU-Net's
   poly learning rate over each budget), held-out Dice per budget: where each curve levels off.
 - `cv`: every fold, stock and the recipe's trainers at the recipe's budget (or --epochs), a second training of
-  the recipe's repeat trainers (the spread between trainings), the ensembles with stock.
+  the recipe's repeat trainers (the spread between trainings), the ensembles with stock, each also after
+  nnU-Net's postprocessing.
 - `seeds`: fold 0 of the `cv` (or, with --seed-models curves, the `curves`) models at --epochs, 5 sampling seeds:
   the largest Dice difference across seeds per step.
 - `finetune`: on folds 0 and 1 (or --folds), recycling fine-tuned from the `cv` study's stock model of the fold
@@ -140,7 +141,7 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
         repeats = ["--repeats", "2", "--repeat-trainers", *recipe.repeat_trainers] if recipe.repeat_trainers else []
         if recipe.repeat_folds:
             repeats += ["--repeat-folds", *map(str, recipe.repeat_folds)]
-        return [crossval(recipe, workdir, cv_output, recipe.trainers, folds, args, *repeats)]
+        return [crossval(recipe, workdir, cv_output, recipe.trainers, folds, args, *repeats, "--postprocessing")]
     if study == "finetune":
         return [crossval(recipe, workdir, study_output("finetune", args), [RECYCLE, *FINETUNE_ARMS],
                          args.folds or [0, 1], args, "--results-root", str(workdir / cv_output / "results"),
@@ -161,7 +162,8 @@ def curves_table(workdir: Path, epochs: Sequence[int]) -> str:
                           [[m, s, *(cells.get((e, m, s), "") for e in tables)] for m, s in rows]) + "\n"
 
 
-KEPT_FILES = ("units/**/unit.json", "units/**/ensemble.json", "results.json", "results.md", "per_case.csv", "*.png")
+KEPT_SCORES = ("units/**/unit.json", "units/**/ensemble.json", "units/**/postprocessed.json")
+KEPT_FILES = (*KEPT_SCORES, "results.json", "results.md", "per_case.csv", "*.png")
 
 
 def copy_kept(source: Path, target: Path, patterns: Sequence[str]) -> int:
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     output = workdir / study_output(args.study, args) if args.study in ("cv", "finetune") else None
     if args.kept is not None and output is not None:
-        print(f"restored {copy_kept(args.kept, output, KEPT_FILES[:2])} kept score file(s) into {output}")
+        print(f"restored {copy_kept(args.kept, output, KEPT_SCORES)} kept score file(s) into {output}")
     prepare(recipe, workdir, args.data, args.patch_size)
     for command in study_commands(recipe, args.study, workdir, args):
         print("$ " + " ".join(command), flush=True)

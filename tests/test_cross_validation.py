@@ -3,13 +3,16 @@ differences, grouped nnU-Net splits, and the summary of unit records."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-from nnunet_diffusion.evaluation.cross_validation import (CrossValidation, Unit, _read_nnunet_validation,
+from nnunet_diffusion.evaluation.cross_validation import (POSTPROCESSING_RECORD, UNIT_RECORD, CrossValidation, Unit,
+                                                          _ensemble_file, _ensemble_key, _postprocessing_key,
+                                                          _read_nnunet_validation, _unit_options, archived_unit,
                                                           case_scores, comparison_pairs, summarise_cross_validation)
 from nnunet_diffusion.evaluation.model_evaluation import EvaluationOptions
 from nnunet_diffusion.evaluation.splits import check_splits, group_of, grouped_splits, load_or_write_splits
@@ -110,6 +113,9 @@ def test_units_go_fold_by_fold_baseline_first_and_repeat_only_where_asked(tmp_pa
         _cv(tmp_path, repeats=2, repeat_folds=(3,))
     assert comparison_pairs(cv) == [("D", "S"), ("R", "S"), ("R", "D"), ("D + S", "S"), ("D + S", "D"),
                                     ("R + S", "S"), ("R + S", "R")]
+    assert comparison_pairs(_cv(tmp_path, trainers=("R",), postprocessing=True)) == [
+        ("R", "S"), ("R + S", "S"), ("R + S", "R"), ("R (postprocessed)", "S (postprocessed)"),
+        ("R + S (postprocessed)", "S (postprocessed)"), ("R + S (postprocessed)", "R (postprocessed)")]
 
 
 def test_trainer_epochs_change_only_the_epochs_of_the_named_trainers(tmp_path):
@@ -169,3 +175,31 @@ def test_nnunets_fold_validation_is_read_only_when_it_matches_the_requested_pred
     no_tta = _cv(tmp_path, evaluation=EvaluationOptions(samplers=("ddim",), seeds=(0,), device="cpu",
                                                         use_mirroring=False))
     assert _read_nnunet_validation(no_tta, Unit("S", 0, 0), ["c1", "c2"], {}, ".nii.gz", False) is None
+
+
+def test_a_fold_counts_as_finished_from_kept_scores_only_with_its_ensembles_and_postprocessing(tmp_path):
+    cv = _cv(tmp_path, trainers=("R",), folds=(0,), postprocessing=True)
+    cases = ["c1", "c2"]
+    records = {}
+    for unit in cv.units():  # the kept scores of fold 0, as a finished run leaves them
+        diffusion = unit.trainer in cv.diffusion_trainers
+        records[unit] = {"key": {"options": json.loads(json.dumps(asdict(_unit_options(cv, unit)))),
+                                 "training": {"budget": None}, "cases": cases},
+                         "trainer": unit.trainer, "repeat": unit.repeat, "fold": unit.fold, "diffusion": diffusion,
+                         "training": {"budget": None}, "per_case": [_row(unit.trainer, c, 0.5) for c in cases]}
+        (cv.unit_output(unit) / UNIT_RECORD).parent.mkdir(parents=True)
+        (cv.unit_output(unit) / UNIT_RECORD).write_text(json.dumps(records[unit]))
+    stock, recycle = records[Unit("S", 0, 0)], records[Unit("R", 0, 0)]
+    _ensemble_file(cv, recycle).parent.mkdir()
+    _ensemble_file(cv, recycle).write_text(json.dumps({"key": _ensemble_key(recycle, stock),
+                                                       "per_case": [_row("R + S", "c1", 0.6)]}))
+    for record, model in ((stock, "S"), (recycle, "R")):
+        (cv.unit_output(Unit(model, 0, 0)) / POSTPROCESSING_RECORD).write_text(json.dumps(
+            {"key": _postprocessing_key(record, stock), "per_case": [_row(f"{model} (postprocessed)", "c1", 0.7)]}))
+    record, rows = archived_unit(cv, Unit("R", 0, 0), cases)
+    assert record == recycle and [r["model"] for r in rows] == ["R + S", "R (postprocessed)"]
+    assert archived_unit(cv, Unit("R", 0, 0), ["c1"]) is None  # other held-out cases
+    (cv.unit_output(Unit("S", 0, 0)) / POSTPROCESSING_RECORD).unlink()
+    assert archived_unit(cv, Unit("R", 0, 0), cases) is None  # the fold is trained again
+    assert archived_unit(_cv(tmp_path, trainers=("R",), folds=(0,)), Unit("R", 0, 0), cases)[1] == [
+        _row("R + S", "c1", 0.6)]  # without postprocessing, the ensemble alone

@@ -1,7 +1,7 @@
 """`nnunet-diffusion crossval` end to end on a generated dataset: 2 folds, the stock and the recycling trainer,
-one repeat: nnU-Net's split, training in fresh processes, held-out prediction per step, ensembles, statistics,
-and a rerun that trains and predicts nothing; a fold trained by hand with nnUNetv2_train, read from nnU-Net's own
-validation."""
+one repeat: nnU-Net's split, training in fresh processes, held-out prediction per step, ensembles, nnU-Net's
+postprocessing, statistics, and a rerun that trains and predicts nothing; a fold trained by hand with
+nnUNetv2_train, read from nnU-Net's own validation."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,8 @@ from nnunet_runs import make_dataset, run
 
 ARGUMENTS = ["-c", "3d_cpu", "-p", "nnUNetPlansCPU", "-tr", "nnUNetTrainerDiffRecycle", "-f", "0", "1",
              "--num-folds", "2", "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--samplers", "ddim",
-             "--steps", "2", "--disable-tta"]
+             "--steps", "2", "--disable-tta", "--postprocessing"]
+PP = " (postprocessed)"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,20 @@ def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dat
     assert all(u["training"]["budget"] == {"epochs": 1, "iterations": 2, "val_iterations": 1} for u in result["units"])
     assert all(len(u["pseudo_dice"]) == 1 for u in result["units"])
     rows = {r["model"]: r for r in result["table"]}
-    assert set(rows) == {"nnUNetTrainer", "nnUNetTrainerDiffRecycle", "nnUNetTrainerDiffRecycle + nnUNetTrainer"}
+    models = ["nnUNetTrainer", "nnUNetTrainerDiffRecycle", "nnUNetTrainerDiffRecycle + nnUNetTrainer"]
+    assert set(rows) == {*models, *(m + PP for m in models)}
     assert all(r["cases"] == 6 and 0 <= r["Dice"] <= 1 for r in rows.values())
+    for fold in (0, 1):  # what nnU-Net chose, per prediction folder of the unit (the ensemble's too)
+        chosen = json.loads((output / "units" / "nnUNetTrainerDiffRecycle" / "repeat_0" / f"fold_{fold}" /
+                             "postprocessed.json").read_text())["chosen"]
+        assert sorted(chosen) == ["nnUNetTrainerDiffRecycle + nnUNetTrainer ddim/seed_0",
+                                  "nnUNetTrainerDiffRecycle ddim/seed_0"]
     assert [r["step"] for r in result["per_step"]] == [1, 2]
     pairs = [(d["a"], d["b"], d["cases"]) for d in result["differences"]]
-    assert pairs == [("nnUNetTrainerDiffRecycle", "nnUNetTrainer", 6),
-                     ("nnUNetTrainerDiffRecycle + nnUNetTrainer", "nnUNetTrainer", 6),
-                     ("nnUNetTrainerDiffRecycle + nnUNetTrainer", "nnUNetTrainerDiffRecycle", 6)]
+    paper_pairs = [("nnUNetTrainerDiffRecycle", "nnUNetTrainer"),
+                   ("nnUNetTrainerDiffRecycle + nnUNetTrainer", "nnUNetTrainer"),
+                   ("nnUNetTrainerDiffRecycle + nnUNetTrainer", "nnUNetTrainerDiffRecycle")]
+    assert pairs == [(a, b, 6) for a, b in paper_pairs] + [(a + PP, b + PP, 6) for a, b in paper_pairs]
     assert all(0 <= d["p_signed_rank"] <= 1 and d["interval_low"] <= d["mean"] <= d["interval_high"]
                for d in result["differences"])
     markdown = (output / "results.md").read_text()

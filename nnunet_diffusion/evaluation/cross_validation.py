@@ -22,12 +22,15 @@ import numpy as np
 from nnunet_diffusion.evaluation.ablation import ENSEMBLE_TRAINER, ensemble_folders
 from nnunet_diffusion.evaluation.metrics import evaluate_folder
 from nnunet_diffusion.evaluation.model_evaluation import NO_SAMPLER, CaseScore, EvaluationOptions, evaluate_models
+from nnunet_diffusion.evaluation.postprocessing import postprocess_folder
 from nnunet_diffusion.evaluation.splits import load_or_write_splits
 from nnunet_diffusion.evaluation.statistics import paired_difference
 from nnunet_diffusion.utils import TrainingBudget, markdown_table, model_folder, nanmean
 
 TRAINING_RECORD = "crossval_training.json"
 UNIT_RECORD = "unit.json"
+POSTPROCESSING_RECORD = "postprocessed.json"
+POSTPROCESSED = " (postprocessed)"
 
 
 class CrossValidationError(RuntimeError):
@@ -67,6 +70,7 @@ class CrossValidation:
     group_pattern: str | None = None
     diffusion_trainers: frozenset[str] = field(default_factory=frozenset)
     trainer_epochs: tuple[tuple[str, int], ...] = ()  # (trainer, epochs) instead of the budget's epochs
+    postprocessing: bool = False  # also score every final prediction after nnU-Net's postprocessing
 
     def __post_init__(self):
         if self.baseline in self.diffusion_trainers:
@@ -244,10 +248,11 @@ def _ensemble_key(diffusion: dict, baseline: dict) -> dict:
 
 
 def archived_unit(cv: CrossValidation, unit: Unit, cases: Sequence[str]) -> tuple[dict, list[dict]] | None:
-    """The record and ensemble rows of a unit scored by an earlier run whose training folder is gone (a run
-    resumed on another machine from its kept output, without the trainings): taken only when every unit of its
-    repeat and fold, and the baseline they are ensembled with, was scored with the current options, budget and
-    held-out cases, and every ensemble of that fold from exactly those records; otherwise None (train again)."""
+    """The record and derived rows (ensembles, postprocessed) of a unit scored by an earlier run whose training
+    folder is gone (a run resumed on another machine from its kept output, without the trainings): taken only when
+    every unit of its repeat and fold, and the baseline they are ensembled with, was scored with the current
+    options, budget and held-out cases, and every ensemble and postprocessing of that fold from exactly those
+    records; otherwise None (train again)."""
     if (cv.fold_folder(unit) / "checkpoint_final.pth").is_file():
         return None
     group = [u for u in cv.units() if (u.repeat, u.fold) == (unit.repeat, unit.fold)]
@@ -265,7 +270,14 @@ def archived_unit(cv: CrossValidation, unit: Unit, cases: Sequence[str]) -> tupl
         if ensemble is None or ensemble["key"] != _ensemble_key(records[member], records[cv.baseline_of(member)]):
             return None
         ensembles[member] = ensemble["per_case"]
-    return records[unit], ensembles.get(unit, [])
+    postprocessed = {}
+    for member in group if cv.postprocessing else ():
+        record = _read_record(_postprocessing_file(cv, records[member]))
+        if record is None or record["key"] != _postprocessing_key(records[member],
+                                                                  records[cv.baseline_of(member)]):
+            return None
+        postprocessed[member] = record["per_case"]
+    return records[unit], ensembles.get(unit, []) + postprocessed.get(unit, [])
 
 
 def evaluate_unit(cv: CrossValidation, unit: Unit, training: dict, images: Path, labels: Path,
@@ -330,11 +342,47 @@ def ensemble_unit(cv: CrossValidation, diffusion: dict, baseline: dict, labels: 
     return rows
 
 
-def _final_rows(units: Sequence[dict], ensembles: Sequence[dict]) -> list[dict]:
-    """Each prediction's last step (stock models and ensembles have one), tagged with its repeat and fold."""
+def _postprocessing_file(cv: CrossValidation, record: dict) -> Path:
+    return cv.unit_output(Unit(record["trainer"], record["repeat"], record["fold"])) / POSTPROCESSING_RECORD
+
+
+def _postprocessing_key(record: dict, baseline: dict) -> dict:
+    return {"unit": record["key"], "ensemble": _ensemble_key(record, baseline) if record["diffusion"] else None}
+
+
+def postprocess_unit(cv: CrossValidation, record: dict, baseline: dict, labels: Path, cases: Sequence[str],
+                     targets: Sequence, names: dict[str, str], plans: dict, dataset_json: dict) -> list[dict]:
+    """Every final prediction of a unit and of its ensembles after nnU-Net's postprocessing, decided on the fold's
+    held-out cases as `nnUNetv2_determine_postprocessing` decides it; rows `<model> (postprocessed)`, cached
+    beside the unit with what nnU-Net chose."""
+    cached = _postprocessing_file(cv, record)
+    key = _postprocessing_key(record, baseline)
+    previous = _read_record(cached)
+    if previous is not None and previous["key"] == key:
+        return previous["per_case"]
+    folders = {(record["trainer"], record["trainer"], run): Path(f) for run, f in record["predictions"].items()}
+    if record["diffusion"]:
+        folders.update({(f"{record['trainer']} + {cv.baseline}", ENSEMBLE_TRAINER, run):
+                        _ensemble_file(cv, record).parent / run for run in record["predictions"]})
+    rows, chosen = [], {}
+    for (model, trainer, run), folder in folders.items():
+        sampler, seed = (NO_SAMPLER, None) if run == NO_SAMPLER else run.split("/seed_")
+        scratch = cached.parent / "postprocessing" / model.replace(" + ", "+")
+        scores, chosen[f"{model} {run}"] = postprocess_folder(
+            folder, cases, labels, plans, dataset_json, targets, scratch if run == NO_SAMPLER else scratch / run)
+        rows += [CaseScore(model + POSTPROCESSED, trainer, sampler, None if seed is None else int(seed), 1, 1,
+                           Path(score["prediction_file"]).name[:-len(dataset_json["file_ending"])],
+                           score["metrics"], names).as_row() for score in scores]
+    _write_atomically(cached, {"key": key, "chosen": chosen, "per_case": rows})
+    return rows
+
+
+def _final_rows(units: Sequence[dict], derived: Sequence[dict]) -> list[dict]:
+    """Each prediction's last step, tagged with its repeat and fold, and the derived rows (ensembles and
+    postprocessed predictions, one step each, already tagged)."""
     rows = [{**r, "repeat": u["repeat"], "fold": u["fold"]} for u in units for r in u["per_case"]
             if r["step"] == r["steps"]]
-    return rows + list(ensembles)
+    return rows + list(derived)
 
 
 def _groups(rows: Sequence[dict], *keys: str) -> dict[tuple, list[dict]]:
@@ -351,9 +399,10 @@ def case_scores(rows: Sequence[dict], column: str = "Dice") -> dict[str, float]:
             for case in dict.fromkeys(c for c, _ in per_training)}
 
 
-def summarise_cross_validation(cv: CrossValidation, units: Sequence[dict], ensembles: Sequence[dict]) -> dict:
-    """Tables of the runs so far: per model and sampler, per step, seed spread, paired differences, curves, time."""
-    final = _final_rows(units, ensembles)
+def summarise_cross_validation(cv: CrossValidation, units: Sequence[dict], derived: Sequence[dict]) -> dict:
+    """Tables of the runs so far (`derived`: the rows of ensembles and postprocessed predictions): per model and
+    sampler, per step, seed spread, paired differences, curves, time."""
+    final = _final_rows(units, derived)
     class_columns = [c for c in dict.fromkeys(k for r in final for k in r) if c.startswith("Dice ")]
     table = []
     for (model, sampler), rows in _groups(final, "model", "sampler").items():
@@ -387,14 +436,14 @@ def summarise_cross_validation(cv: CrossValidation, units: Sequence[dict], ensem
 def comparison_pairs(cv: CrossValidation) -> list[tuple[str, str]]:
     """A − B pairs the paper's claims need: each diffusion trainer against the baseline, later trainers against
     earlier ones in the given order (e.g. Recycle − Diff when Diff comes first), and each ensemble against both
-    of its members."""
+    of its members; with postprocessing, the same pairs again after it."""
     diffusion = [t for t in cv.trainers if t in cv.diffusion_trainers]
     others = [t for t in cv.trainers if t not in cv.diffusion_trainers and t != cv.baseline]
     pairs = [(t, cv.baseline) for t in [*others, *diffusion]]
     pairs += [(later, earlier) for i, earlier in enumerate(diffusion) for later in diffusion[i + 1:]]
     for t in diffusion:
         pairs += [(f"{t} + {cv.baseline}", cv.baseline), (f"{t} + {cv.baseline}", t)]
-    return pairs
+    return pairs + [(a + POSTPROCESSED, b + POSTPROCESSED) for a, b in pairs if cv.postprocessing]
 
 
 def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, float]]) -> list[dict]:
@@ -470,7 +519,11 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
              "Each case's Dice (foreground mean; per class in the named columns) is averaged over sampling seeds "
              "and repeated trainings, then over cases (± sd over cases). `run sd`: the sd of a fold's mean Dice "
              "between repeated trainings, averaged over the folds trained more than once. Diffusion models at "
-             "their last step; `+` rows average the probabilities of the two models (nnU-Net's ensembling).", ""]
+             "their last step; `+` rows average the probabilities of the two models (nnU-Net's ensembling)."
+             + (f" `{POSTPROCESSED.strip()}` rows: the same predictions after nnU-Net's postprocessing (the largest "
+                "connected component of the foreground, then of each class, kept where it raises the fold's Dice, "
+                "as `nnUNetv2_determine_postprocessing` decides), decided fold by fold." if cv.postprocessing
+                else ""), ""]
     class_columns = [c for c in dict.fromkeys(k for r in summary["table"] for k in r) if c.startswith("Dice ")]
     lines.append(markdown_table(["model", "sampler", "trainings", "cases", "Dice", *class_columns, "HD95", "run sd"],
                         [[r["model"], r["sampler"], r["trainings"], r["cases"],
@@ -535,7 +588,7 @@ def plot_cross_validation(summary: dict, output: Path) -> list[Path]:
                   for (m,), g in _groups(rows, "model").items()}
         steps = max(len(c) for c in curves.values())
         curves.update({f"{r['model']} (no diffusion)": [r["Dice"]] * steps for r in summary["table"]
-                       if r["sampler"] == NO_SAMPLER})
+                       if r["sampler"] == NO_SAMPLER and not r["model"].endswith(POSTPROCESSED)})
         written.append(plot_metric_vs_step(curves, f"held-out Dice ({sampler})", output / f"dice_vs_step_{sampler}.png"))
     per_t = {c["trainer"]: c["loss_per_timestep"] for c in summary["curves"] if "loss_per_timestep" in c}
     if per_t:
@@ -572,6 +625,7 @@ def run_cross_validation(cv: CrossValidation, raw_dataset: Path, preprocessed_da
         raise ValueError(f"{plans_file} has no configuration {cv.configuration!r} "
                          f"(it has {', '.join(plans_manager.available_configurations)})")
     targets = evaluation_targets(plans_manager.get_label_manager(dataset_json))
+    plans = json.loads(plans_file.read_text())
     names = target_names(dataset_json)
     cases = dataset_cases(preprocessed_dataset, file_ending)
     splits = load_or_write_splits(preprocessed_dataset, cases, cv.num_folds, cv.group_pattern)
@@ -580,7 +634,7 @@ def run_cross_validation(cv: CrossValidation, raw_dataset: Path, preprocessed_da
         raise ValueError(f"folds {missing} do not exist: {preprocessed_dataset / 'splits_final.json'} holds "
                          f"{len(splits)}")
     env = with_plugin_environment()
-    units, ensembles = [], []
+    units, derived = [], []
     summary: dict = {}
     for unit in cv.units():
         held_out = splits[unit.fold]["val"]
@@ -593,20 +647,26 @@ def run_cross_validation(cv: CrossValidation, raw_dataset: Path, preprocessed_da
             training = train_unit(cv, unit, env)
             record = evaluate_unit(cv, unit, training, images, labels, held_out, names, file_ending)
             baseline = cv.baseline_of(unit)
-            rows = ensemble_unit(cv, record, next(u for u in units if (u["trainer"], u["repeat"], u["fold"]) == (
-                baseline.trainer, baseline.repeat, baseline.fold)), labels, held_out, targets, names,
-                file_ending) if record["diffusion"] else []
+            baseline_record = record if unit == baseline else next(
+                u for u in units if (u["trainer"], u["repeat"], u["fold"]) == (baseline.trainer, baseline.repeat,
+                                                                               baseline.fold))
+            rows = ensemble_unit(cv, record, baseline_record, labels, held_out, targets, names, file_ending) \
+                if record["diffusion"] else []
+            if cv.postprocessing:
+                rows += postprocess_unit(cv, record, baseline_record, labels, held_out, targets, names, plans,
+                                         dataset_json)
         units.append(record)
-        ensembles += [{**r, "repeat": unit.repeat, "fold": unit.fold} for r in rows]
-        summary = summarise_cross_validation(cv, units, ensembles)
+        derived += [{**r, "repeat": unit.repeat, "fold": unit.fold} for r in rows]
+        summary = summarise_cross_validation(cv, units, derived)
         result = {"dataset": cv.dataset, "configuration": cv.configuration, "plans": cv.plans,
                   "baseline": cv.baseline, "budget": _budget_record(cv.budget),
                   "trainer_epochs": dict(cv.trainer_epochs), "options": asdict(cv.evaluation),
                   "folds": list(cv.folds), "repeats": cv.repeats, "group_pattern": cv.group_pattern,
+                  "postprocessing": cv.postprocessing,
                   "splits": splits, "units": [{k: v for k, v in u.items() if k != "per_case"} for u in units],
                   **summary}
         write_json(result, cv.output / "results.json")
-        write_csv([{**r, "repeat": u["repeat"], "fold": u["fold"]} for u in units for r in u["per_case"]] + ensembles,
+        write_csv([{**r, "repeat": u["repeat"], "fold": u["fold"]} for u in units for r in u["per_case"]] + derived,
                   cv.output / "per_case.csv")
         (cv.output / "results.md").write_text(cross_validation_markdown(cv, summary, splits), encoding="utf-8")
         plot_cross_validation(summary, cv.output)

@@ -12,7 +12,9 @@ Each fold's held-out cases are predicted with nnU-Net's predictor: diffusion mod
 every sampling step scored; a non-diffusion model is read from nnU-Net's own fold validation
 (`validation/summary.json`) when that holds what the comparison needs (mirroring on, and probabilities from
 `nnUNetv2_train --npz` when ensembles need them), else predicted. Every diffusion model is ensembled with the
-baseline of its fold (nnU-Net's probability averaging).
+baseline of its fold (nnU-Net's probability averaging). With --postprocessing, every final prediction (ensembles
+too) is also scored after nnU-Net's postprocessing, decided on its fold's held-out cases as
+`nnUNetv2_determine_postprocessing` decides it (rows `<model> (postprocessed)`, and the same comparisons).
 
 Written to --output (rewritten after every training, and resumable: finished trainings, predictions and ensembles
 are skipped on a rerun with the same settings):
@@ -96,6 +98,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                         "--epochs (50)")
     parser.add_argument("--results-root", type=Path, help="nnUNet_results of the first training run (default: "
                         "<output>/results); further runs go to <results-root>/crossval_repeat_<r>")
+    parser.add_argument("--postprocessing", action="store_true", help="also score every final prediction after "
+                        "nnU-Net's postprocessing (largest connected component where it helps), decided fold by fold")
     parser.add_argument("-o", "--output", type=Path, required=True)
     add_sampling_arguments(parser, samplers=("ddim", "ddpm"), seeds=(0,), device="cpu")
     return parser.parse_args(argv)
@@ -121,7 +125,8 @@ def main(argv: list[str]) -> int:
                              (args.results_root or output / "results").resolve(),
                              options_from_args(args, save_probabilities=True), budget, args.repeats,
                              tuple(args.repeat_trainers), tuple(args.repeat_folds), args.num_folds, args.group_by,
-                             diffusion_trainers([args.baseline, *trainers]), tuple(args.trainer_epochs))
+                             diffusion_trainers([args.baseline, *trainers]), tuple(args.trainer_epochs),
+                             args.postprocessing)
         run_cross_validation(cv, Path(nnUNet_raw) / dataset, Path(nnUNet_preprocessed) / dataset)
     print(f"wrote {args.output / 'results.md'}, results.json, per_case.csv")
     return 0
