@@ -177,7 +177,7 @@ def test_nnunets_fold_validation_is_read_only_when_it_matches_the_requested_pred
     assert _read_nnunet_validation(no_tta, Unit("S", 0, 0), ["c1", "c2"], {}, ".nii.gz", False) is None
 
 
-def test_a_fold_counts_as_finished_from_kept_scores_only_with_its_ensembles_and_postprocessing(tmp_path):
+def test_a_kept_fold_brings_its_postprocessing_only_when_the_whole_fold_has_it(tmp_path):
     cv = _cv(tmp_path, trainers=("R",), folds=(0,), postprocessing=True)
     cases = ["c1", "c2"]
     records = {}
@@ -199,7 +199,10 @@ def test_a_fold_counts_as_finished_from_kept_scores_only_with_its_ensembles_and_
     record, rows = archived_unit(cv, Unit("R", 0, 0), cases)
     assert record == recycle and [r["model"] for r in rows] == ["R + S", "R (postprocessed)"]
     assert archived_unit(cv, Unit("R", 0, 0), ["c1"]) is None  # other held-out cases
-    (cv.unit_output(Unit("S", 0, 0)) / POSTPROCESSING_RECORD).unlink()
-    assert archived_unit(cv, Unit("R", 0, 0), cases) is None  # the fold is trained again
     assert archived_unit(_cv(tmp_path, trainers=("R",), folds=(0,)), Unit("R", 0, 0), cases)[1] == [
         _row("R + S", "c1", 0.6)]  # without postprocessing, the ensemble alone
+    (cv.unit_output(Unit("S", 0, 0)) / POSTPROCESSING_RECORD).unlink()
+    record, rows = archived_unit(cv, Unit("R", 0, 0), cases)  # scored before postprocessing: stands without it
+    assert record == recycle and rows == [_row("R + S", "c1", 0.6)]
+    _ensemble_file(cv, recycle).unlink()
+    assert archived_unit(cv, Unit("R", 0, 0), cases) is None  # without its ensemble the fold is trained again

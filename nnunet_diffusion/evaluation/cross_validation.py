@@ -251,8 +251,9 @@ def archived_unit(cv: CrossValidation, unit: Unit, cases: Sequence[str]) -> tupl
     """The record and derived rows (ensembles, postprocessed) of a unit scored by an earlier run whose training
     folder is gone (a run resumed on another machine from its kept output, without the trainings): taken only when
     every unit of its repeat and fold, and the baseline they are ensembled with, was scored with the current
-    options, budget and held-out cases, and every ensemble and postprocessing of that fold from exactly those
-    records; otherwise None (train again)."""
+    options, budget and held-out cases, and every ensemble of that fold from exactly those records; otherwise None
+    (train again). Postprocessed rows come along only when the whole fold's postprocessing was kept: a fold scored
+    before postprocessing was asked for stands without it rather than being trained again."""
     if (cv.fold_folder(unit) / "checkpoint_final.pth").is_file():
         return None
     group = [u for u in cv.units() if (u.repeat, u.fold) == (unit.repeat, unit.fold)]
@@ -270,14 +271,12 @@ def archived_unit(cv: CrossValidation, unit: Unit, cases: Sequence[str]) -> tupl
         if ensemble is None or ensemble["key"] != _ensemble_key(records[member], records[cv.baseline_of(member)]):
             return None
         ensembles[member] = ensemble["per_case"]
-    postprocessed = {}
-    for member in group if cv.postprocessing else ():
-        record = _read_record(_postprocessing_file(cv, records[member]))
-        if record is None or record["key"] != _postprocessing_key(records[member],
-                                                                  records[cv.baseline_of(member)]):
-            return None
-        postprocessed[member] = record["per_case"]
-    return records[unit], ensembles.get(unit, []) + postprocessed.get(unit, [])
+    postprocessed = {member: _read_record(_postprocessing_file(cv, records[member])) for member in group} \
+        if cv.postprocessing else {}
+    complete = all(record is not None and record["key"] == _postprocessing_key(
+        records[member], records[cv.baseline_of(member)]) for member, record in postprocessed.items())
+    return records[unit], ensembles.get(unit, []) + (postprocessed[unit]["per_case"] if postprocessed and complete
+                                                     else [])
 
 
 def evaluate_unit(cv: CrossValidation, unit: Unit, training: dict, images: Path, labels: Path,
