@@ -39,7 +39,7 @@ def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dat
     assert all(len(u["pseudo_dice"]) == 1 for u in result["units"])
     rows = {r["model"]: r for r in result["table"]}
     models = ["nnUNetTrainer", "nnUNetTrainerDiffRecycle", "nnUNetTrainerDiffRecycle + nnUNetTrainer"]
-    assert set(rows) == {*models, *(m + PP for m in models)}
+    assert [r["model"] for r in result["table"]] == [*models, *(m + PP for m in models)]
     assert all(r["cases"] == 6 and 0 <= r["Dice"] <= 1 for r in rows.values())
     for fold in (0, 1):  # what nnU-Net chose, per prediction folder of the unit (the ensemble's too)
         chosen = json.loads((output / "units" / "nnUNetTrainerDiffRecycle" / "repeat_0" / f"fold_{fold}" /

@@ -404,7 +404,8 @@ def summarise_cross_validation(cv: CrossValidation, units: Sequence[dict], deriv
     final = _final_rows(units, derived)
     class_columns = [c for c in dict.fromkeys(k for r in final for k in r) if c.startswith("Dice ")]
     table = []
-    for (model, sampler), rows in _groups(final, "model", "sampler").items():
+    groups = sorted(_groups(final, "model", "sampler").items(), key=lambda g: g[0][0].endswith(POSTPROCESSED))
+    for (model, sampler), rows in groups:  # postprocessed rows after all others
         scores = case_scores(rows)
         training_means = {k: nanmean([r["Dice"] for r in g]) for k, g in _groups(rows, "fold", "repeat").items()}
         run_sds = [float(np.std(v, ddof=1)) for fold in dict.fromkeys(f for f, _ in training_means)
