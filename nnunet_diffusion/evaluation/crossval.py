@@ -28,9 +28,10 @@ are skipped on a rerun with the same settings):
 
 Trainings go fold by fold (every trainer of a fold, then the next fold), so an interrupted run leaves whole folds.
 The scores alone resume a run elsewhere: a fold whose trainings are gone counts as finished when `units/` holds
-the scores of all its trainers and ensembles with the same settings (keep `units/**/unit.json` and
-`units/**/ensemble.json`, not the predictions); in a fold with anything missing, every trainer whose training is
-gone is trained again.
+the scores of all its trainers and ensembles with the same settings (keep `units/**/unit.json`,
+`units/**/ensemble.json` and `units/**/postprocessed.json`, not the predictions); in a fold with anything
+missing, every trainer whose training is gone is trained again. A kept fold scored without --postprocessing
+stands without its postprocessed scores.
 """
 from __future__ import annotations
 
