@@ -625,7 +625,6 @@ def run_cross_validation(cv: CrossValidation, raw_dataset: Path, preprocessed_da
         raise ValueError(f"{plans_file} has no configuration {cv.configuration!r} "
                          f"(it has {', '.join(plans_manager.available_configurations)})")
     targets = evaluation_targets(plans_manager.get_label_manager(dataset_json))
-    plans = json.loads(plans_file.read_text())
     names = target_names(dataset_json)
     cases = dataset_cases(preprocessed_dataset, file_ending)
     splits = load_or_write_splits(preprocessed_dataset, cases, cv.num_folds, cv.group_pattern)
@@ -653,8 +652,8 @@ def run_cross_validation(cv: CrossValidation, raw_dataset: Path, preprocessed_da
             rows = ensemble_unit(cv, record, baseline_record, labels, held_out, targets, names, file_ending) \
                 if record["diffusion"] else []
             if cv.postprocessing:
-                rows += postprocess_unit(cv, record, baseline_record, labels, held_out, targets, names, plans,
-                                         dataset_json)
+                rows += postprocess_unit(cv, record, baseline_record, labels, held_out, targets, names,
+                                         plans_manager.plans, dataset_json)
         units.append(record)
         derived += [{**r, "repeat": unit.repeat, "fold": unit.fold} for r in rows]
         summary = summarise_cross_validation(cv, units, derived)
