@@ -429,8 +429,9 @@ def summarise_cross_validation(cv: CrossValidation, units: Sequence[dict], deriv
                 "max_delta_dice_largest": float(np.max(spreads))})
     scores = {(r["model"], r["sampler"]): case_scores(rows) for r, rows in
               ((rows[0], rows) for rows in _groups(final, "model", "sampler").values())}
+    fold_of = {r["case"]: r["fold"] for r in final}
     return {"table": table, "per_step": per_step, "seed_spread": seed_spread,
-            "differences": _differences(cv, scores), "curves": _curves(units), "timing": _timing(units)}
+            "differences": _differences(cv, scores, fold_of), "curves": _curves(units), "timing": _timing(units)}
 
 
 def comparison_pairs(cv: CrossValidation) -> list[tuple[str, str]]:
@@ -446,8 +447,19 @@ def comparison_pairs(cv: CrossValidation) -> list[tuple[str, str]]:
     return pairs + [(a + POSTPROCESSED, b + POSTPROCESSED) for a, b in pairs if cv.postprocessing]
 
 
-def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, float]]) -> list[dict]:
-    """Paired per-case differences of the final predictions, per sampler (a model without one pairs with each)."""
+def folds_a_better(scores_a: dict[str, float], scores_b: dict[str, float], fold_of: dict[str, int]
+                   ) -> tuple[int, int]:
+    """(folds where A's mean over the fold's common cases beats B's, folds): whether a difference holds from one
+    training to the next, which the interval over cases cannot tell when trainings differ more than cases."""
+    per_fold = _groups([{"fold": fold_of[c], "d": scores_a[c] - scores_b[c]} for c in scores_a.keys() & scores_b.keys()
+                        if not (np.isnan(scores_a[c]) or np.isnan(scores_b[c]))], "fold")
+    return sum(np.mean([r["d"] for r in g]) > 0 for g in per_fold.values()), len(per_fold)
+
+
+def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, float]], fold_of: dict[str, int]
+                 ) -> list[dict]:
+    """Paired per-case differences of the final predictions, per sampler (a model without one pairs with each),
+    with the folds on which A is ahead."""
     samplers = list(cv.evaluation.samplers)
     out, pairs_done = [], set()
     for a, b in comparison_pairs(cv):
@@ -458,8 +470,9 @@ def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, fl
                 continue
             pairs_done.add((key_a, key_b))
             one_pass = key_a[1] == key_b[1] == NO_SAMPLER
+            wins, folds = folds_a_better(scores[key_a], scores[key_b], fold_of)
             out.append({**paired_difference(a, b, scores[key_a], scores[key_b]).as_row(),
-                        "sampler": NO_SAMPLER if one_pass else sampler})
+                        "sampler": NO_SAMPLER if one_pass else sampler, "folds_a_better": int(wins), "folds": folds})
     return out
 
 
@@ -531,12 +544,15 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
                           _fmt(r["HD95"], 2), _fmt(r["run_sd"])] for r in summary["table"]]))
     lines += ["", "## Paired differences", "",
               "A − B per held-out case (final predictions), mean, 95 % bootstrap interval over cases, Wilcoxon "
-              "signed-rank p (two-sided) and the cases where A scored higher; *within noise* when the interval "
-              "contains 0.", ""]
-    lines.append(markdown_table(["A − B", "sampler", "cases", "mean", "95 % interval", "p", "A higher", "reading"],
+              "signed-rank p (two-sided), the cases where A scored higher and the folds where A's mean over the "
+              "fold's cases is higher (each fold is a separate training, so this shows whether the difference "
+              "survives the spread between trainings); *within noise* when the interval contains 0.", ""]
+    lines.append(markdown_table(["A − B", "sampler", "cases", "mean", "95 % interval", "p", "A higher",
+                                 "folds A higher", "reading"],
                         [[f"{d['a']} − {d['b']}", d["sampler"], d["cases"], _fmt(d["mean"], signed=True),
                           f"[{_fmt(d['interval_low'], signed=True)}, {_fmt(d['interval_high'], signed=True)}]",
                           f"{d['p_signed_rank']:.2g}", f"{d['a_better']}/{d['cases']}",
+                          f"{d['folds_a_better']}/{d['folds']}",
                           ("A better" if d["mean"] > 0 else "B better") if d["separated"] else "within noise"]
                          for d in summary["differences"]]))
     if summary["per_step"]:
