@@ -24,7 +24,7 @@ from nnunet_diffusion.evaluation.metrics import evaluate_folder
 from nnunet_diffusion.evaluation.model_evaluation import NO_SAMPLER, CaseScore, EvaluationOptions, evaluate_models
 from nnunet_diffusion.evaluation.postprocessing import postprocess_folder
 from nnunet_diffusion.evaluation.splits import load_or_write_splits
-from nnunet_diffusion.evaluation.statistics import paired_difference
+from nnunet_diffusion.evaluation.statistics import common_scored_cases, paired_difference
 from nnunet_diffusion.utils import TrainingBudget, markdown_table, model_folder, nanmean
 
 TRAINING_RECORD = "crossval_training.json"
@@ -451,9 +451,10 @@ def folds_a_better(scores_a: dict[str, float], scores_b: dict[str, float], fold_
                    ) -> tuple[int, int]:
     """(folds where A's mean over the fold's common cases beats B's, folds): whether a difference holds from one
     training to the next, which the interval over cases cannot tell when trainings differ more than cases."""
-    per_fold = _groups([{"fold": fold_of[c], "d": scores_a[c] - scores_b[c]} for c in scores_a.keys() & scores_b.keys()
-                        if not (np.isnan(scores_a[c]) or np.isnan(scores_b[c]))], "fold")
-    return sum(np.mean([r["d"] for r in g]) > 0 for g in per_fold.values()), len(per_fold)
+    per_fold: dict[int, list[float]] = {}
+    for case in common_scored_cases(scores_a, scores_b):
+        per_fold.setdefault(fold_of[case], []).append(scores_a[case] - scores_b[case])
+    return sum(int(np.mean(d) > 0) for d in per_fold.values()), len(per_fold)
 
 
 def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, float]], fold_of: dict[str, int]
@@ -472,7 +473,7 @@ def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, fl
             one_pass = key_a[1] == key_b[1] == NO_SAMPLER
             wins, folds = folds_a_better(scores[key_a], scores[key_b], fold_of)
             out.append({**paired_difference(a, b, scores[key_a], scores[key_b]).as_row(),
-                        "sampler": NO_SAMPLER if one_pass else sampler, "folds_a_better": int(wins), "folds": folds})
+                        "sampler": NO_SAMPLER if one_pass else sampler, "folds_a_better": wins, "folds": folds})
     return out
 
 

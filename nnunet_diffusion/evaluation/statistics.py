@@ -53,12 +53,15 @@ class PairedDifference:
         return {**asdict(self), "separated": self.separated}
 
 
+def common_scored_cases(scores_a: Mapping[str, float], scores_b: Mapping[str, float]) -> list[str]:
+    """The cases both models were scored on; NaN scores (nothing to score in a case) are left out of a pairing."""
+    return sorted(c for c in set(scores_a) & set(scores_b) if not (np.isnan(scores_a[c]) or np.isnan(scores_b[c])))
+
+
 def paired_difference(a: str, b: str, scores_a: Mapping[str, float], scores_b: Mapping[str, float]
                       ) -> PairedDifference:
-    """Compare two models on their common cases (scores are per case, e.g. Dice averaged over repeats); NaN
-    scores (nothing to score in a case) are left out of the pairing."""
-    cases = sorted(c for c in set(scores_a) & set(scores_b)
-                   if not (np.isnan(scores_a[c]) or np.isnan(scores_b[c])))
+    """Compare two models on their common scored cases (scores are per case, e.g. Dice averaged over repeats)."""
+    cases = common_scored_cases(scores_a, scores_b)
     if not cases:
         raise ValueError(f"{a} and {b} share no scored case; they cannot be compared")
     differences = np.array([scores_a[c] - scores_b[c] for c in cases])
