@@ -13,8 +13,8 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunet_diffusion.evaluation.cross_validation import (POSTPROCESSING_RECORD, UNIT_RECORD, CrossValidation, Unit,
                                                           _ensemble_file, _ensemble_key, _postprocessing_key,
                                                           _read_nnunet_validation, _unit_options, archived_unit,
-                                                          case_scores, comparison_pairs, folds_a_better,
-                                                          summarise_cross_validation)
+                                                          case_scores, comparison_pairs, cross_validation_markdown,
+                                                          fold_differences, summarise_cross_validation)
 from nnunet_diffusion.evaluation.model_evaluation import EvaluationOptions
 from nnunet_diffusion.evaluation.splits import check_splits, group_of, grouped_splits, load_or_write_splits
 from nnunet_diffusion.evaluation.statistics import bootstrap_interval, paired_difference, signed_rank_p
@@ -161,17 +161,30 @@ def test_scores_average_seeds_within_a_training_then_repeated_trainings(tmp_path
     assert difference["a"] == "R" and difference["mean"] == pytest.approx(0.0) and difference["cases"] == 2
 
 
-def test_the_folds_where_a_model_is_ahead_are_counted_from_each_folds_own_cases(tmp_path):
-    # R wins many cases of fold 0 by a little and loses both cases of fold 1 by a lot: ahead on 1 of 2 folds
+def test_each_fold_gets_its_own_means_and_differences_with_an_interval_only_where_it_has_enough_cases(tmp_path):
+    # R wins the six cases of fold 0 by 0.02 and loses both cases of fold 1 (by 0.40 and gains 0.05): ahead on 1
+    # of 2 folds; fold 0 has enough cases for an interval, fold 1 has its mean alone
     stock = [_unit("S", 0, 0, [_row("S", f"a{i}", 0.80) for i in range(6)], False),
              _unit("S", 0, 1, [_row("S", "b0", 0.90), _row("S", "b1", 0.90)], False)]
     recycle = [_unit("R", 0, 0, [_row("R", f"a{i}", 0.82, "ddim", 0) for i in range(6)], True),
                _unit("R", 0, 1, [_row("R", "b0", 0.50, "ddim", 0), _row("R", "b1", 0.95, "ddim", 0)], True)]
     cv = _cv(tmp_path, trainers=("R",), diffusion_trainers=frozenset({"R"}))
-    (difference,) = summarise_cross_validation(cv, stock + recycle, [])["differences"]
+    summary = summarise_cross_validation(cv, stock + recycle, [])
+    (difference,) = summary["differences"]
     assert (difference["a_better"], difference["cases"]) == (7, 8)
     assert (difference["folds_a_better"], difference["folds"]) == (1, 2)
-    assert folds_a_better({"a": 0.7, "b": float("nan")}, {"a": 0.6, "b": 0.9}, {"a": 0, "b": 1}) == (1, 1)
+    fold0, fold1 = difference["per_fold"]
+    assert (fold0["fold"], fold0["cases"], fold0["a_better"]) == (0, 6, 6)
+    assert fold0["mean"] == pytest.approx(0.02) and fold0["interval_low"] == pytest.approx(0.02) and fold0["separated"]
+    assert fold1 == {"fold": 1, "cases": 2, "mean": pytest.approx(-0.175)}
+    means = {(r["model"], r["fold"]): (r["cases"], r["Dice"]) for r in summary["per_fold"]}
+    assert means == {("S", 0): (6, pytest.approx(0.80)), ("S", 1): (2, pytest.approx(0.90)),
+                     ("R", 0): (6, pytest.approx(0.82)), ("R", 1): (2, pytest.approx(0.725))}
+    markdown = cross_validation_markdown(cv, summary, [{"train": [], "val": []}] * 2)
+    assert "| R | ddim | 0.820 | 0.725 |" in markdown
+    assert "| R − S | ddim | +0.020 [+0.020, +0.020] | -0.175 |" in markdown
+    assert fold_differences({"a": 0.7, "b": float("nan")}, {"a": 0.6, "b": 0.9}, {"a": 0, "b": 1}) == [
+        {"fold": 0, "cases": 1, "mean": pytest.approx(0.1)}]  # a case without a score pairs with nothing
 
 
 def test_nnunets_fold_validation_is_read_only_when_it_matches_the_requested_prediction(tmp_path):

@@ -53,9 +53,11 @@ def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dat
                    ("nnUNetTrainerDiffRecycle + nnUNetTrainer", "nnUNetTrainerDiffRecycle")]
     assert pairs == [(a, b, 6) for a, b in paper_pairs] + [(a + PP, b + PP, 6) for a, b in paper_pairs]
     assert all(0 <= d["p_signed_rank"] <= 1 and d["interval_low"] <= d["mean"] <= d["interval_high"]
-               and d["folds"] == 2 and 0 <= d["folds_a_better"] <= 2 for d in result["differences"])
+               and d["folds"] == 2 and 0 <= d["folds_a_better"] <= 2 and [f["fold"] for f in d["per_fold"]] == [0, 1]
+               for d in result["differences"])
     markdown = (output / "results.md").read_text()
     assert "Wilcoxon" in markdown and "nnUNetTrainerDiffRecycle + nnUNetTrainer" in markdown
+    assert "## Fold by fold" in markdown and "| fold 0 | fold 1 |" in markdown
     for png in ("pseudo_dice.png", "dice_vs_step_ddim.png", "loss_per_timestep.png"):
         assert (output / png).stat().st_size > 0
     capsys.readouterr()

@@ -31,6 +31,9 @@ TRAINING_RECORD = "crossval_training.json"
 UNIT_RECORD = "unit.json"
 POSTPROCESSING_RECORD = "postprocessed.json"
 POSTPROCESSED = " (postprocessed)"
+# a fold's paired difference gets a bootstrap interval from this many cases on: fewer give too few distinct
+# resamples for the interval to say anything
+MIN_FOLD_CASES_FOR_INTERVAL = 5
 
 
 class CrossValidationError(RuntimeError):
@@ -430,7 +433,10 @@ def summarise_cross_validation(cv: CrossValidation, units: Sequence[dict], deriv
     scores = {(r["model"], r["sampler"]): case_scores(rows) for r, rows in
               ((rows[0], rows) for rows in _groups(final, "model", "sampler").values())}
     fold_of = {r["case"]: r["fold"] for r in final}
-    return {"table": table, "per_step": per_step, "seed_spread": seed_spread,
+    per_fold = [{"model": model, "sampler": sampler, "fold": fold, "cases": len(fold_scores := case_scores(rows)),
+                 "Dice": nanmean(list(fold_scores.values()))}
+                for (model, sampler, fold), rows in _groups(final, "model", "sampler", "fold").items()]
+    return {"table": table, "per_fold": per_fold, "per_step": per_step, "seed_spread": seed_spread,
             "differences": _differences(cv, scores, fold_of), "curves": _curves(units), "timing": _timing(units)}
 
 
@@ -447,20 +453,28 @@ def comparison_pairs(cv: CrossValidation) -> list[tuple[str, str]]:
     return pairs + [(a + POSTPROCESSED, b + POSTPROCESSED) for a, b in pairs if cv.postprocessing]
 
 
-def folds_a_better(scores_a: dict[str, float], scores_b: dict[str, float], fold_of: dict[str, int]
-                   ) -> tuple[int, int]:
-    """(folds where A's mean over the fold's common cases beats B's, folds): whether a difference holds from one
-    training to the next, which the interval over cases cannot tell when trainings differ more than cases."""
-    per_fold: dict[int, list[float]] = {}
+def fold_differences(scores_a: dict[str, float], scores_b: dict[str, float], fold_of: dict[str, int]
+                     ) -> list[dict]:
+    """A − B on each fold's common cases: whether a difference holds from one training to the next, which the
+    interval over all cases cannot tell when trainings differ more than cases. A fold gets an interval and a
+    signed-rank p only when it holds MIN_FOLD_CASES_FOR_INTERVAL cases; otherwise its mean alone."""
+    per_fold: dict[int, list[str]] = {}
     for case in common_scored_cases(scores_a, scores_b):
-        per_fold.setdefault(fold_of[case], []).append(scores_a[case] - scores_b[case])
-    return sum(int(np.mean(d) > 0) for d in per_fold.values()), len(per_fold)
+        per_fold.setdefault(fold_of[case], []).append(case)
+    out = []
+    for fold, cases in sorted(per_fold.items()):
+        a, b = ({c: scores[c] for c in cases} for scores in (scores_a, scores_b))
+        row = {k: v for k, v in paired_difference("A", "B", a, b).as_row().items() if k not in ("a", "b")} \
+            if len(cases) >= MIN_FOLD_CASES_FOR_INTERVAL else \
+            {"cases": len(cases), "mean": float(np.mean([a[c] - b[c] for c in cases]))}
+        out.append({"fold": fold, **row})
+    return out
 
 
 def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, float]], fold_of: dict[str, int]
                  ) -> list[dict]:
     """Paired per-case differences of the final predictions, per sampler (a model without one pairs with each),
-    with the folds on which A is ahead."""
+    with the same difference fold by fold and the number of folds on which A is ahead."""
     samplers = list(cv.evaluation.samplers)
     out, pairs_done = [], set()
     for a, b in comparison_pairs(cv):
@@ -471,9 +485,11 @@ def _differences(cv: CrossValidation, scores: dict[tuple[str, str], dict[str, fl
                 continue
             pairs_done.add((key_a, key_b))
             one_pass = key_a[1] == key_b[1] == NO_SAMPLER
-            wins, folds = folds_a_better(scores[key_a], scores[key_b], fold_of)
+            per_fold = fold_differences(scores[key_a], scores[key_b], fold_of)
             out.append({**paired_difference(a, b, scores[key_a], scores[key_b]).as_row(),
-                        "sampler": NO_SAMPLER if one_pass else sampler, "folds_a_better": wins, "folds": folds})
+                        "sampler": NO_SAMPLER if one_pass else sampler,
+                        "folds_a_better": sum(int(d["mean"] > 0) for d in per_fold), "folds": len(per_fold),
+                        "per_fold": per_fold})
     return out
 
 
@@ -514,6 +530,32 @@ def _fmt(value: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _interval(d: dict) -> str:
+    return f"[{_fmt(d['interval_low'], signed=True)}, {_fmt(d['interval_high'], signed=True)}]"
+
+
+def _per_fold_markdown(summary: dict) -> list[str]:
+    """The fold-by-fold tables of results.md (none for a single fold): each model's mean Dice per fold, and each
+    paired difference per fold with its interval where the fold holds enough cases."""
+    folds = sorted({r["fold"] for r in summary["per_fold"]})
+    if len(folds) < 2:
+        return []
+    means = {(r["model"], r["sampler"], r["fold"]): r["Dice"] for r in summary["per_fold"]}
+    differences = []
+    for d in summary["differences"]:
+        cells = {f["fold"]: _fmt(f["mean"], signed=True) + (f" {_interval(f)}" if "interval_low" in f else "")
+                 for f in d["per_fold"]}
+        differences.append([f"{d['a']} − {d['b']}", d["sampler"], *(cells.get(f, "") for f in folds)])
+    return ["", "## Fold by fold", "",
+            "Each fold is a separate training of every model: mean Dice of the fold's held-out cases (averaged over "
+            "sampling seeds and repeated trainings), then A − B on the fold's cases with a 95 % bootstrap interval "
+            f"where the fold holds at least {MIN_FOLD_CASES_FOR_INTERVAL} cases.", "",
+            markdown_table(["model", "sampler", *(f"fold {f}" for f in folds)],
+                           [[r["model"], r["sampler"], *(_fmt(means.get((r["model"], r["sampler"], f)))
+                                                         for f in folds)] for r in summary["table"]]), "",
+            markdown_table(["A − B", "sampler", *(f"fold {f}" for f in folds)], differences)]
+
+
 def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequence[dict]) -> str:
     """results.md: the tables of `summary` with the settings that produced them."""
     budget = "each trainer's own epochs and iterations" if cv.budget is None else \
@@ -551,11 +593,11 @@ def cross_validation_markdown(cv: CrossValidation, summary: dict, splits: Sequen
     lines.append(markdown_table(["A − B", "sampler", "cases", "mean", "95 % interval", "p", "A higher",
                                  "folds A higher", "reading"],
                         [[f"{d['a']} − {d['b']}", d["sampler"], d["cases"], _fmt(d["mean"], signed=True),
-                          f"[{_fmt(d['interval_low'], signed=True)}, {_fmt(d['interval_high'], signed=True)}]",
-                          f"{d['p_signed_rank']:.2g}", f"{d['a_better']}/{d['cases']}",
+                          _interval(d), f"{d['p_signed_rank']:.2g}", f"{d['a_better']}/{d['cases']}",
                           f"{d['folds_a_better']}/{d['folds']}",
                           ("A better" if d["mean"] > 0 else "B better") if d["separated"] else "within noise"]
                          for d in summary["differences"]]))
+    lines += _per_fold_markdown(summary)
     if summary["per_step"]:
         steps = max(r["step"] for r in summary["per_step"])
         runs = _groups(summary["per_step"], "model", "sampler")
