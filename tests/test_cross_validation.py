@@ -177,7 +177,7 @@ def test_each_fold_gets_its_own_means_and_differences_with_an_interval_only_wher
     assert (fold0["fold"], fold0["cases"], fold0["a_better"]) == (0, 6, 6)
     assert fold0["mean"] == pytest.approx(0.02) and fold0["interval_low"] == pytest.approx(0.02) and fold0["separated"]
     assert fold1 == {"fold": 1, "cases": 2, "mean": pytest.approx(-0.175)}
-    means = {(r["model"], r["fold"]): (r["cases"], r["Dice"]) for r in summary["per_fold"]}
+    means = {(r["model"], r["fold"]): (r["cases"], r["Dice"]) for r in summary["fold_means"]}
     assert means == {("S", 0): (6, pytest.approx(0.80)), ("S", 1): (2, pytest.approx(0.90)),
                      ("R", 0): (6, pytest.approx(0.82)), ("R", 1): (2, pytest.approx(0.725))}
     markdown = cross_validation_markdown(cv, summary, [{"train": [], "val": []}] * 2)

@@ -433,10 +433,10 @@ def summarise_cross_validation(cv: CrossValidation, units: Sequence[dict], deriv
     scores = {(r["model"], r["sampler"]): case_scores(rows) for r, rows in
               ((rows[0], rows) for rows in _groups(final, "model", "sampler").values())}
     fold_of = {r["case"]: r["fold"] for r in final}
-    per_fold = [{"model": model, "sampler": sampler, "fold": fold, "cases": len(fold_scores := case_scores(rows)),
-                 "Dice": nanmean(list(fold_scores.values()))}
-                for (model, sampler, fold), rows in _groups(final, "model", "sampler", "fold").items()]
-    return {"table": table, "per_fold": per_fold, "per_step": per_step, "seed_spread": seed_spread,
+    fold_means = [{"model": model, "sampler": sampler, "fold": fold, "cases": len(fold_scores := case_scores(rows)),
+                   "Dice": nanmean(list(fold_scores.values()))}
+                  for (model, sampler, fold), rows in _groups(final, "model", "sampler", "fold").items()]
+    return {"table": table, "fold_means": fold_means, "per_step": per_step, "seed_spread": seed_spread,
             "differences": _differences(cv, scores, fold_of), "curves": _curves(units), "timing": _timing(units)}
 
 
@@ -537,10 +537,10 @@ def _interval(d: dict) -> str:
 def _per_fold_markdown(summary: dict) -> list[str]:
     """The fold-by-fold tables of results.md (none for a single fold): each model's mean Dice per fold, and each
     paired difference per fold with its interval where the fold holds enough cases."""
-    folds = sorted({r["fold"] for r in summary["per_fold"]})
+    folds = sorted({r["fold"] for r in summary["fold_means"]})
     if len(folds) < 2:
         return []
-    means = {(r["model"], r["sampler"], r["fold"]): r["Dice"] for r in summary["per_fold"]}
+    means = {(r["model"], r["sampler"], r["fold"]): r["Dice"] for r in summary["fold_means"]}
     differences = []
     for d in summary["differences"]:
         cells = {f["fold"]: _fmt(f["mean"], signed=True) + (f" {_interval(f)}" if "interval_low" in f else "")
