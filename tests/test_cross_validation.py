@@ -162,7 +162,7 @@ def test_scores_average_seeds_within_a_training_then_repeated_trainings(tmp_path
 
 
 def test_each_fold_gets_its_own_means_and_differences_with_an_interval_only_where_it_has_enough_cases(tmp_path):
-    # R wins the six cases of fold 0 by 0.02 and loses both cases of fold 1 (by 0.40 and gains 0.05): ahead on 1
+    # R wins the six cases of fold 0 by 0.02 and loses fold 1 (−0.40 on one case, +0.05 on the other): ahead on 1
     # of 2 folds; fold 0 has enough cases for an interval, fold 1 has its mean alone
     stock = [_unit("S", 0, 0, [_row("S", f"a{i}", 0.80) for i in range(6)], False),
              _unit("S", 0, 1, [_row("S", "b0", 0.90), _row("S", "b1", 0.90)], False)]
