@@ -14,8 +14,9 @@ Studies (each one `nnunet-diffusion crossval` command, printed before it runs; r
 - `cv`: every fold, stock and the recipe's trainers at the recipe's budget (or --epochs), a second training of
   the recipe's repeat trainers (the spread between trainings), the ensembles with stock, each also after
   nnU-Net's postprocessing.
-- `seeds`: fold 0 of the `cv` (or, with --seed-models curves, the `curves`) models at --epochs, 5 sampling seeds:
-  the largest Dice difference across seeds per step.
+- `seeds`: fold 0 (or --folds) of the `cv` (or, with --seed-models curves, the `curves`) models at --epochs, 5
+  sampling seeds: the largest Dice difference across seeds per step. Another fold serves where a machine holds
+  that fold's models; missing models are trained first.
 - `finetune`: on folds 0 and 1 (or --folds), recycling fine-tuned from the `cv` study's stock model of the fold
   for 2, 5 and 10 epochs (10, 25, 50 % of the 20-epoch budget) at initial learning rate 1e-3, and for 5 epochs at
   nnU-Net's 1e-2, against the `cv` study's stock and from-scratch recycling models (reused, not retrained).
@@ -147,7 +148,7 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
                          args.folds or [0, 1], args, "--results-root", str(workdir / cv_output / "results"),
                          "--trainer-epochs", *(f"{t}={e}" for t, e in FINETUNE_ARMS.items()))]
     models = cv_output if args.seed_models == "cv" else f"curves/epochs_{args.epochs}"
-    return [crossval(recipe, workdir, f"seeds/{models.replace('/', '_')}", [DIFF, RECYCLE], [0], args,
+    return [crossval(recipe, workdir, f"seeds/{models.replace('/', '_')}", [DIFF, RECYCLE], args.folds or [0], args,
                      "--seeds", "0", "1", "2", "3", "4", "--results-root", str(workdir / models / "results"))]
 
 
@@ -189,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-epochs", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--iterations", type=int, help="iterations per epoch (default: the recipe's)")
     parser.add_argument("--val-iterations", type=int, help="validation batches per epoch (default: the recipe's)")
-    parser.add_argument("--folds", type=int, nargs="+", help="folds of the cv study (default: all)")
+    parser.add_argument("--folds", type=int, nargs="+", help="folds of the cv study (default: all), the finetune "
+                        "study (default: 0 1) or the seeds study (default: 0)")
     parser.add_argument("--seed-models", choices=("cv", "curves"), default="cv", help="the seeds study's models: "
-                        "fold 0 of the cv study, or of the curves study, at --epochs")
+                        "those of the cv study, or of the curves study, at --epochs")
     parser.add_argument("--patch-size", type=int, nargs="+", help="the preset's patch, fitted by `nnunet-diffusion "
                         "plans --patch-size` (only when the dataset is planned)")
     parser.add_argument("--kept", type=Path, help="cv/finetune: scores kept from an earlier run, restored before and "
