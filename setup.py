@@ -32,6 +32,8 @@ setup(
         "numpy",
         "scipy",
         "matplotlib",
+        # Trainings and predictions of `crossval`/`ablate` as jobs on this machine or on Slurm.
+        "submitit>=1.5",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["nnunet-diffusion=nnunet_diffusion.cli:main"]},

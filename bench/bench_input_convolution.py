@@ -3,8 +3,8 @@
 The denoiser's first 3D convolution reads image + mask channels; oneDNN's speed for that shape depends on the
 memory layout of its input, and how much differs between torch releases and thread counts. This benchmark times
 one forward and backward (weight gradient; the input needs none) of that convolution both ways, paired round by
-round, so that the network's layout rule (`speed_up_input_convolution` in core/network.py) follows a measurement on
-the torch that is installed.
+round, so that the network's layout rule (`speed_up_input_convolution` in core/cpu_workarounds.py) follows a
+measurement on the torch that is installed.
 
     python bench/bench_input_convolution.py --threads 1 2 --sizes 32 64 --channels 4 --features 8 16 32
 """

@@ -27,7 +27,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, markdown_table, quiet,
                        result_row, timed, workspace)
-from nnunet_diffusion.core.network import DiffusionSegmentationNetwork
+from nnunet_diffusion.checkpoints import load_checkpoint
+from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.core.scheduler import SAMPLERS
 
@@ -73,7 +74,7 @@ def load_network(space: Workspace, device: torch.device, trainer_name: str,
         dataset_json = json.loads((space.preprocessed / "dataset.json").read_text())
         description = f"{trainer_name}, untrained (initial weights)"
     else:
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint, map_location=device)
         trainer_name = state["trainer_name"]
         plans, configuration = state["init_args"]["plans"], state["init_args"]["configuration"]
         dataset_json = state["init_args"]["dataset_json"]

@@ -2,8 +2,8 @@
 
 nnU-Net's predictor feeds one tile at a time, and PyTorch runs narrow convolutions of a single sample through its
 native kernel instead of oneDNN. The denoiser therefore runs a no-grad CPU forward of one sample as a batch of two
-(`pads_single_sample` in core/network.py); this benchmark times both, paired round by round, on the cpu_tiny and
-cpu_small feature widths.
+(`pads_single_sample` in core/cpu_workarounds.py); this benchmark times both, paired round by round, on the
+cpu_tiny and cpu_small feature widths.
 
     python bench/bench_single_tile.py --threads 1 2 --sizes 32 48
 """
@@ -18,7 +18,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from benchutil import markdown_table, paired_ratio, result_row
-from nnunet_diffusion.core import network as network_module
+from nnunet_diffusion.core import diffusion_network as network_module
 from nnunet_diffusion.core.masks import MaskCodec
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 

@@ -22,7 +22,8 @@ from torch._dynamo import OptimizedModule
 
 from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, markdown_table,
                        paired_ratio, quiet, result_row, synchronize, timed, workspace)
-from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS, SHORT_SCHEDULE_TRAINERS
+from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS
+from nnunet_diffusion.trainers.training_length import SHORT_SCHEDULE_TRAINERS
 
 STOCK = "nnUNetTrainer"
 # Stock variants that may be timed beside the plugin's: without deep supervision it shows what nnU-Net's

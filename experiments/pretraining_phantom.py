@@ -220,32 +220,24 @@ def results_of(seed: int) -> Path:
 
 def train(dataset: Dataset, trainer_name: str, iterations: int, args: argparse.Namespace, seed: int = 0,
           final_validation: bool = False) -> Path:
-    """nnUNetv2_train's sequence for fold 0 (`python -m nnunet_diffusion.runs` in a fresh process with the seed's
-    nnUNet_results; in this process where nnU-Net's final validation is wanted, for the BPR's
-    bpr_validation.json), `iterations` in epochs of --iterations-per-epoch; returns the fold folder, skipped when
-    its checkpoint_final.pth exists."""
-    from nnunet_diffusion.runs import TrainingBudget, train_model
-    from nnunet_diffusion.utils import model_folder
+    """Fold 0 trained by the plugin's runner (`python -m nnunet_diffusion.training`, in a fresh process with the
+    seed's nnUNet_results; with nnU-Net's final validation where wanted, for the BPR's bpr_validation.json),
+    `iterations` in epochs of --iterations-per-epoch; returns the fold folder (the runner skips a finished one
+    and resumes an interrupted one)."""
+    from nnunet_diffusion.training import TrainingRun, run_arguments
+    from nnunet_diffusion.utils import TrainingBudget
 
-    fold_folder = model_folder(results_of(seed), dataset.folder, trainer_name, PLANS, CONFIGURATION) / "fold_0"
-    if (fold_folder / "checkpoint_final.pth").is_file():
-        return fold_folder
     per_epoch = min(iterations, args.iterations_per_epoch)
     budget = TrainingBudget(max(1, round(iterations / per_epoch)), per_epoch, max(1, per_epoch // 10))
-    if final_validation:
-        if seed != 0:
-            raise ValueError("a training with nnU-Net's final validation runs in this process, with seed 0")
-        train_model(str(dataset.dataset_id), CONFIGURATION, 0, trainer_name, PLANS, budget, args.device, seed, True)
-        return fold_folder
-    command = [sys.executable, "-m", "nnunet_diffusion.runs", str(dataset.dataset_id), CONFIGURATION, "0",
-               trainer_name, "-p", PLANS, "-device", args.device, "--seed", str(seed), "--budget",
-               str(budget.epochs), str(budget.iterations), str(budget.val_iterations)]
+    run = TrainingRun(str(dataset.dataset_id), CONFIGURATION, 0, trainer_name, PLANS, budget, seed, args.device,
+                      results=str(results_of(seed)), validate=final_validation)
     log = Path(os.environ["nnUNet_results"]).parent / "logs" / f"{trainer_name}_seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        subprocess.run(command, env={**os.environ, "nnUNet_results": str(results_of(seed))}, stdout=out,
+    with log.open("a") as out:
+        subprocess.run([sys.executable, "-m", "nnunet_diffusion.training", *run_arguments(run)],
+                       env={**os.environ, "nnUNet_results": str(results_of(seed))}, stdout=out,
                        stderr=subprocess.STDOUT, check=True)
-    return fold_folder
+    return run.fold_folder
 
 
 def backbone_checkpoint(workdir: Path, arm: Arm, seed: int, args: argparse.Namespace) -> Path:
@@ -453,7 +445,7 @@ def coordinate_agreement(bpr: Path) -> dict:
     ordering Spearman of the BPR's own validation (nnUNetTrainerBPR's bpr_validation.json)."""
     import SimpleITK as sitk
 
-    from nnunet_diffusion.bpr.coordinates import pooled_r2, position_agreement
+    from nnunet_diffusion.bpr.body_coordinates import pooled_r2, position_agreement
     axes = ("axial", "coronal", "sagittal")
     profiles: dict[str, list] = {name: [] for name in axes}
     per_case: dict[str, dict] = {}
@@ -481,7 +473,7 @@ def real_ct_organs(ct: Path, segmentation: Path, bpr: Path) -> dict:
     import SimpleITK as sitk
     from scipy.stats import spearmanr
 
-    from nnunet_diffusion.datasets.coordinates import BPRCoordinates
+    from nnunet_diffusion.datasets.coordinate_channels import BPRCoordinates
     organs = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "liver", 6: "stomach",
               7: "pancreas", 8: "right adrenal", 9: "left adrenal", 52: "aorta"}
     maps = BPRCoordinates(bpr)([ct])

@@ -1,8 +1,9 @@
 """`nnunet-diffusion demo`: the whole workflow on a generated dataset, with nnU-Net's own commands.
 
 Generate a small 3D dataset in nnU-Net's raw layout, plan and preprocess it, derive a CPU-sized configuration,
-train the stock `nnUNetTrainer` and `nnUNetTrainerDiffRecycle` briefly with `nnUNetv2_train`, predict the
-held-out cases with the stock `nnUNetv2_predict`, and print a Dice table. Everything lives under --workdir.
+train the stock `nnUNetTrainer` and `nnUNetTrainerDiffRecycle` briefly with the plugin's training runner (what
+`nnUNetv2_train` runs: nnU-Net's trainer lookup and loop), predict the held-out cases with the stock
+`nnUNetv2_predict`, and print a Dice table. Everything lives under --workdir.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from nnunet_diffusion.datasets.synthetic import LABELS, generate_synthetic_dataset
 from nnunet_diffusion.environment import with_plugin_environment
+from nnunet_diffusion.training import TrainingRun, run_arguments
 from nnunet_diffusion.utils import markdown_table, model_folder
 
 DATASET_ID = 990
@@ -79,8 +81,8 @@ def run_demo(workdir: Path, trainers: tuple[str, ...] = TRAINERS, num_train: int
     for index, trainer in enumerate(trainers, start=1):
         shutil.rmtree(model_folder(results, dataset.name, trainer, PLANS, CONFIGURATION), ignore_errors=True)
         print(f"[3/5] training {trainer} ({index}/{len(trainers)})", flush=True)
-        run_logged(["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, "0", "-p", PLANS, "-tr", trainer, "-device",
-                    "cpu"], env, log)
+        run = TrainingRun(str(DATASET_ID), CONFIGURATION, 0, trainer, PLANS, results=str(results), validate=True)
+        run_logged([sys.executable, "-m", "nnunet_diffusion.training", *run_arguments(run)], env, log)
         print(f"[4/5] predicting the held-out cases with {trainer}", flush=True)
         predictions = workdir / "predictions" / trainer
         shutil.rmtree(predictions, ignore_errors=True)

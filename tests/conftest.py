@@ -83,7 +83,7 @@ def coordinate_dataset(demo_dataset):
     planned and preprocessed with the cpu_tiny configuration: what the coordinate-guided trainers read."""
     import os
     from pathlib import Path
-    from nnunet_diffusion.datasets.coordinates import GeometryCoordinates, add_coordinates_to_dataset
+    from nnunet_diffusion.datasets.coordinate_channels import GeometryCoordinates, add_coordinates_to_dataset
     from nnunet_runs import Dataset, plan_and_preprocess
     raw = add_coordinates_to_dataset(demo_dataset.raw, Path(os.environ["nnUNet_raw"]), 994, "DiffusionDemoCoord",
                                      GeometryCoordinates())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from nnunet_diffusion.datasets.synthetic import LABELS, generate_synthetic_dataset
 from nnunet_diffusion.plans import plan_and_preprocess_with_preset
-from nnunet_diffusion.runs import TrainingBudget, train_model
-from nnunet_diffusion.utils import environment, model_folder as results_folder
+from nnunet_diffusion.training import TrainingRun, train
+from nnunet_diffusion.utils import TrainingBudget, environment, model_folder as results_folder
 
 PLANS = "nnUNetPlansCPU"
 CONFIGURATION = "3d_cpu"
@@ -76,8 +76,8 @@ def train_in_process(dataset: Dataset, trainer_name: str, iterations: int = 2, e
     """Train a trainer found by nnU-Net's own lookup, with nnU-Net's own loop, for a few iterations."""
     shutil.rmtree(model_folder(dataset, trainer_name) / f"fold_{fold}", ignore_errors=True)
     with environment(nnUNet_n_proc_DA="0"):  # single-threaded augmentation: no worker start-up per test
-        return train_model(str(dataset.dataset_id), CONFIGURATION, fold, trainer_name, PLANS,
-                           TrainingBudget(epochs, iterations, 1), validate=validate)
+        return train(TrainingRun(str(dataset.dataset_id), CONFIGURATION, fold, trainer_name, PLANS,
+                                 TrainingBudget(epochs, iterations, 1), validate=validate))
 
 
 def _predict_command(dataset: Dataset, trainer: str, output: Path, inputs: Path | None, fold: str,
@@ -103,10 +103,29 @@ def predict_in_this_process(dataset: Dataset, trainer: str, output: Path, extra:
         predict_entry_point()
 
 
-def mean_dice(dataset: Dataset, predictions: Path) -> float:
+def mean_dice(dataset: Dataset, predictions: Path, reference: Path | None = None) -> float:
+    """Mean foreground Dice of a prediction folder against the test labels, or against another prediction folder."""
     from nnunet_diffusion.evaluation.metrics import evaluate_folder
-    return evaluate_folder(predictions, dataset.test_labels, [v for v in LABELS.values() if v]
+    return evaluate_folder(predictions, reference or dataset.test_labels, [v for v in LABELS.values() if v]
                            )["foreground_mean"]["Dice"]
+
+
+def nnunet_case_dice(dataset: Dataset, predictions: Path) -> dict[str, dict[int, float]]:
+    """nnU-Net's own Dice per case and label of a prediction folder (its `compute_metrics`, the per-case entries of
+    its summary.json), to compare the plugin's tables with."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    labels = [v for v in LABELS.values() if v]
+    return {file.name[:-len(".nii.gz")]: {label: metrics["Dice"] for label, metrics in compute_metrics(
+                str(dataset.test_labels / file.name), str(file), SimpleITKIO(), labels)["metrics"].items()}
+            for file in sorted(predictions.glob("*.nii.gz"))}
+
+
+def nnunet_mean_dice(dataset: Dataset, predictions: Path) -> float:
+    """nnU-Net's own Dice averaged as the plugin's tables average it: over labels per case, then over cases."""
+    import numpy as np
+    per_case = nnunet_case_dice(dataset, predictions).values()
+    return float(np.nanmean([np.nanmean(list(labels.values())) for labels in per_case]))
 
 
 def train_if_missing(dataset: Dataset, trainer: str) -> Path:

@@ -8,7 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_diffusion.plans import write_preset_plans
-from nnunet_diffusion.runs import TrainingBudget, train_model
+from nnunet_diffusion.training import TrainingRun, train
+from nnunet_diffusion.utils import TrainingBudget
 from nnunet_runs import PLANS, run
 
 CONFIGURATION = "2d_cpu"
@@ -26,7 +27,7 @@ def dataset_2d(demo_dataset):
 def test_2d_diffusion_trainers_train_and_predict_with_stock_nnunetv2_predict(dataset_2d, trainer_name, tmp_path,
                                                                              monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    train_model(str(dataset_2d.dataset_id), CONFIGURATION, 0, trainer_name, PLANS, TrainingBudget(1, 2, 1))
+    train(TrainingRun(str(dataset_2d.dataset_id), CONFIGURATION, 0, trainer_name, PLANS, TrainingBudget(1, 2, 1)))
     run(["nnUNetv2_predict", "-i", str(dataset_2d.test_images), "-o", str(tmp_path), "-d",
          str(dataset_2d.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", trainer_name, "-f", "0",
          "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"], env={"nnUNet_diffusion_steps": "2"})

@@ -14,7 +14,7 @@ import torch
 
 from nnunet_diffusion.bpr import (AXIS_NAMES, BPRConfig, bpr_loss, build_bpr, load_bpr,
                                   load_bpr_from_nnunet_checkpoint, ordering_spearman, save_bpr, train_bpr)
-from nnunet_diffusion.bpr.coordinates import case_lines, pooled_r2, position_agreement
+from nnunet_diffusion.bpr.body_coordinates import case_lines, pooled_r2, position_agreement
 from nnunet_diffusion.bpr.training import sample_equidistant_slices
 from nnunet_diffusion.datasets.phantom import generate_phantom_dataset
 

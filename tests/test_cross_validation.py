@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-from nnunet_diffusion.evaluation.cross_validation import (POSTPROCESSING_RECORD, UNIT_RECORD, CrossValidation, Unit,
-                                                          _ensemble_file, _ensemble_key, _postprocessing_key,
-                                                          _read_nnunet_validation, _unit_options, archived_unit,
-                                                          case_scores, comparison_pairs, cross_validation_markdown,
-                                                          fold_differences, summarise_cross_validation)
-from nnunet_diffusion.evaluation.model_evaluation import EvaluationOptions
+from nnunet_diffusion.evaluation.options import EvaluationOptions
+from nnunet_diffusion.evaluation.results_page import results_markdown
+from nnunet_diffusion.evaluation.study import Study, Unit
+from nnunet_diffusion.evaluation.summary import case_scores, comparison_pairs, fold_differences, summarise
+from nnunet_diffusion.evaluation.unit_scoring import (POSTPROCESSING_RECORD, UNIT_RECORD, _read_nnunet_validation,
+                                                      archived_unit, ensemble_file, ensemble_key, postprocessing_key,
+                                                      unit_options)
 from nnunet_diffusion.evaluation.splits import check_splits, group_of, grouped_splits, load_or_write_splits
 from nnunet_diffusion.evaluation.statistics import bootstrap_interval, paired_difference, signed_rank_p
 
@@ -91,12 +92,12 @@ def test_the_split_is_written_once_where_nnunet_reads_it_and_then_reused(tmp_pat
     assert not list(tmp_path.glob("*.partial"))
 
 
-def _cv(tmp_path, **changes) -> CrossValidation:
+def _cv(tmp_path, **changes) -> Study:
     settings = dict(dataset="Dataset001_X", configuration="3d_cpu", plans="P", trainers=("D", "R"),
                     baseline="S", folds=(0, 1), output=tmp_path, results_root=tmp_path / "results",
                     evaluation=EvaluationOptions(samplers=("ddim",), seeds=(0, 1), device="cpu"),
                     diffusion_trainers=frozenset({"D", "R"}))
-    return CrossValidation(**{**settings, **changes})
+    return Study(**{**settings, **changes})
 
 
 def test_units_go_fold_by_fold_baseline_first_and_repeat_only_where_asked(tmp_path):
@@ -142,7 +143,7 @@ def _unit(trainer, repeat, fold, rows, diffusion):
 
 
 def test_scores_average_seeds_within_a_training_then_repeated_trainings(tmp_path):
-    rows = [{**_row("R", "c1", d, "ddim", s, 2, 2), "repeat": r} for r, s, d in
+    rows = [{**_row("R", "c1", d, "ddim", s, 2, 2), "repeat": r, "fold": 0} for r, s, d in
             [(0, 0, 0.6), (0, 1, 0.8), (1, 0, 0.9), (1, 1, 0.9)]]
     assert case_scores(rows) == {"c1": pytest.approx(0.8)}  # (0.7 + 0.9) / 2
     stock = [_unit("S", 0, 0, [_row("S", "c1", 0.7), _row("S", "c2", 0.5)], False),
@@ -150,7 +151,7 @@ def test_scores_average_seeds_within_a_training_then_repeated_trainings(tmp_path
     recycle = [_unit("R", 0, 0, [_row("R", c, d - 0.1 * (k == 1), "ddim", s, k, 2) for c, d in (("c1", 0.8),
                ("c2", 0.6)) for s in (0, 1) for k in (1, 2)], True)]
     cv = _cv(tmp_path, trainers=("R",), diffusion_trainers=frozenset({"R"}))
-    summary = summarise_cross_validation(cv, stock + recycle, [])
+    summary = summarise(cv, stock + recycle, [])
     table = {r["model"]: r for r in summary["table"]}
     assert table["S"]["Dice"] == pytest.approx(0.7) and table["S"]["run_sd"] == pytest.approx(np.std([0.6, 0.8],
                                                                                                         ddof=1))
@@ -169,7 +170,7 @@ def test_each_fold_gets_its_own_means_and_differences_with_an_interval_only_wher
     recycle = [_unit("R", 0, 0, [_row("R", f"a{i}", 0.82, "ddim", 0) for i in range(6)], True),
                _unit("R", 0, 1, [_row("R", "b0", 0.50, "ddim", 0), _row("R", "b1", 0.95, "ddim", 0)], True)]
     cv = _cv(tmp_path, trainers=("R",), diffusion_trainers=frozenset({"R"}))
-    summary = summarise_cross_validation(cv, stock + recycle, [])
+    summary = summarise(cv, stock + recycle, [])
     (difference,) = summary["differences"]
     assert (difference["a_better"], difference["cases"]) == (7, 8)
     assert (difference["folds_a_better"], difference["folds"]) == (1, 2)
@@ -180,10 +181,10 @@ def test_each_fold_gets_its_own_means_and_differences_with_an_interval_only_wher
     means = {(r["model"], r["fold"]): (r["cases"], r["Dice"]) for r in summary["fold_means"]}
     assert means == {("S", 0): (6, pytest.approx(0.80)), ("S", 1): (2, pytest.approx(0.90)),
                      ("R", 0): (6, pytest.approx(0.82)), ("R", 1): (2, pytest.approx(0.725))}
-    markdown = cross_validation_markdown(cv, summary, [{"train": [], "val": []}] * 2)
+    markdown = results_markdown(cv, summary, [{"train": [], "val": []}] * 2)
     assert "| R | ddim | 0.820 | 0.725 |" in markdown
     assert "| R − S | ddim | +0.020 [+0.020, +0.020] | -0.175 |" in markdown
-    assert fold_differences({"a": 0.7, "b": float("nan")}, {"a": 0.6, "b": 0.9}, {"a": 0, "b": 1}) == [
+    assert fold_differences({0: {"a": 0.7}, 1: {"b": float("nan")}}, {0: {"a": 0.6}, 1: {"b": 0.9}}) == [
         {"fold": 0, "cases": 1, "mean": pytest.approx(0.1)}]  # a case without a score pairs with nothing
 
 
@@ -210,19 +211,19 @@ def test_a_kept_fold_brings_its_postprocessing_only_when_the_whole_fold_has_it(t
     records = {}
     for unit in cv.units():  # the kept scores of fold 0, as a finished run leaves them
         diffusion = unit.trainer in cv.diffusion_trainers
-        records[unit] = {"key": {"options": json.loads(json.dumps(asdict(_unit_options(cv, unit)))),
+        records[unit] = {"key": {"options": json.loads(json.dumps(asdict(unit_options(cv, unit)))),
                                  "training": {"budget": None}, "cases": cases},
                          "trainer": unit.trainer, "repeat": unit.repeat, "fold": unit.fold, "diffusion": diffusion,
                          "training": {"budget": None}, "per_case": [_row(unit.trainer, c, 0.5) for c in cases]}
         (cv.unit_output(unit) / UNIT_RECORD).parent.mkdir(parents=True)
         (cv.unit_output(unit) / UNIT_RECORD).write_text(json.dumps(records[unit]))
     stock, recycle = records[Unit("S", 0, 0)], records[Unit("R", 0, 0)]
-    _ensemble_file(cv, recycle).parent.mkdir()
-    _ensemble_file(cv, recycle).write_text(json.dumps({"key": _ensemble_key(recycle, stock),
+    ensemble_file(cv, recycle).parent.mkdir()
+    ensemble_file(cv, recycle).write_text(json.dumps({"key": ensemble_key(recycle, stock),
                                                        "per_case": [_row("R + S", "c1", 0.6)]}))
     for record, model in ((stock, "S"), (recycle, "R")):
         (cv.unit_output(Unit(model, 0, 0)) / POSTPROCESSING_RECORD).write_text(json.dumps(
-            {"key": _postprocessing_key(record, stock), "per_case": [_row(f"{model} (postprocessed)", "c1", 0.7)]}))
+            {"key": postprocessing_key(record, stock), "per_case": [_row(f"{model} (postprocessed)", "c1", 0.7)]}))
     record, rows = archived_unit(cv, Unit("R", 0, 0), cases)
     assert record == recycle and [r["model"] for r in rows] == ["R + S", "R (postprocessed)"]
     assert archived_unit(cv, Unit("R", 0, 0), ["c1"]) is None  # other held-out cases
@@ -231,5 +232,37 @@ def test_a_kept_fold_brings_its_postprocessing_only_when_the_whole_fold_has_it(t
     (cv.unit_output(Unit("S", 0, 0)) / POSTPROCESSING_RECORD).unlink()
     record, rows = archived_unit(cv, Unit("R", 0, 0), cases)  # scored before postprocessing: stands without it
     assert record == recycle and rows == [_row("R + S", "c1", 0.6)]
-    _ensemble_file(cv, recycle).unlink()
+    ensemble_file(cv, recycle).unlink()
     assert archived_unit(cv, Unit("R", 0, 0), cases) is None  # without its ensemble the fold is trained again
+
+
+def _difference(low, high, mean=None, p=0.001):
+    from nnunet_diffusion.evaluation.statistics import PairedDifference
+    return PairedDifference("A", "B", 40, (low + high) / 2 if mean is None else mean, low, high, p, 30)
+
+
+@pytest.mark.parametrize("low, high, p, folds_a_better, expected", [
+    (0.006, 0.009, 1e-18, 5, "A better"),  # the whole interval beyond +margin
+    (-0.084, -0.048, 1e-6, 0, "B better"),
+    (-0.003, 0.001, 0.35, 2, "on par"),  # inside ±margin
+    (0.001, 0.006, 0.002, 4, "undecided"),  # beyond 0 but crosses +margin
+    (0.009, 0.046, 0.86, 1, "undecided"),  # interval and signed-rank test disagree (ACDC's AllT − Recycle)
+    (0.009, 0.046, 0.001, 1, "undecided"),  # ahead on 1 of 5 folds only
+    (-0.02, 0.03, 0.5, 3, "undecided"),  # crosses both margins
+])
+def test_verdicts_read_the_interval_against_the_margin_and_refuse_disagreeing_evidence(low, high, p, folds_a_better,
+                                                                                       expected):
+    from nnunet_diffusion.evaluation.statistics import verdict
+    assert verdict(_difference(low, high, p=p), 0.005, folds_a_better, 5) == expected
+
+
+def test_the_margin_is_the_users_and_reaches_the_report(tmp_path):
+    stock = [_unit("S", 0, 0, [_row("S", f"a{i}", 0.80) for i in range(8)], False)]
+    recycle = [_unit("R", 0, 0, [_row("R", f"a{i}", 0.803 + 0.001 * (i % 2), "ddim", 0) for i in range(8)], True)]
+    for margin, expected in ((0.005, "on par"), (0.001, "A better")):
+        study = _cv(tmp_path, trainers=("R",), diffusion_trainers=frozenset({"R"}), margin=margin)
+        summary = summarise(study, stock + recycle, [])
+        assert summary["differences"][0]["verdict"] == expected
+        assert f"±{margin:g} Dice" in results_markdown(study, summary, [{"train": [], "val": []}])
+    with pytest.raises(ValueError, match="--margin"):
+        _cv(tmp_path, margin=-0.1)

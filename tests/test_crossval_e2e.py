@@ -26,6 +26,18 @@ def crossval_dataset(nnunet_workspace):
     return make_dataset(993, "CrossVal", num_train=6, num_test=1)
 
 
+def nnunet_held_out_dice(output: Path, model: str) -> float:
+    """A model's Dice from the summary.json files nnU-Net's postprocessing wrote for its held-out predictions of
+    every fold (before or after postprocessing), averaged as the table averages: over labels per case, then over
+    the cases of all folds."""
+    folder = model.removesuffix(PP).replace(" + ", "+")
+    summaries = [f for f in output.glob(f"units/*/repeat_0/fold_*/postprocessing/{folder}/**/summary.json")
+                 if (f.parent.name == "postprocessed") == model.endswith(PP)]
+    cases = [case for f in summaries for case in json.loads(f.read_text())["metric_per_case"]]
+    assert len(cases) == 6
+    return float(np.nanmean([np.nanmean([m["Dice"] for m in case["metrics"].values()]) for case in cases]))
+
+
 def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dataset, tmp_path, capsys):
     output = tmp_path / "cv"
     assert cli_main(["crossval", "-d", str(crossval_dataset.dataset_id), *ARGUMENTS, "-o", str(output)]) == 0
@@ -40,7 +52,8 @@ def test_crossval_trains_scores_ensembles_and_compares_then_resumes(crossval_dat
     rows = {r["model"]: r for r in result["table"]}
     models = ["nnUNetTrainer", "nnUNetTrainerDiffRecycle", "nnUNetTrainerDiffRecycle + nnUNetTrainer"]
     assert [r["model"] for r in result["table"]] == [*models, *(m + PP for m in models)]
-    assert all(r["cases"] == 6 and 0 <= r["Dice"] <= 1 for r in rows.values())
+    for model, row in rows.items():  # nnU-Net's own Dice of the same held-out predictions
+        assert (row["cases"], row["Dice"]) == (6, pytest.approx(nnunet_held_out_dice(output, model)))
     for fold in (0, 1):  # what nnU-Net chose, per prediction folder of the unit (the ensemble's too)
         chosen = json.loads((output / "units" / "nnUNetTrainerDiffRecycle" / "repeat_0" / f"fold_{fold}" /
                              "postprocessed.json").read_text())["chosen"]
@@ -91,7 +104,7 @@ def test_crossval_refuses_a_fold_trained_with_another_budget(crossval_dataset, t
                  "nnUNetTrainer", "-f", "0", "--iterations", "2", "--val-iterations", "1", "--disable-tta", "-o",
                  str(output)]
     assert cli_main([*arguments, "--epochs", "1"]) == 0
-    with pytest.raises(SystemExit, match="nnunet-diffusion crossval: .* was trained with budget"):
+    with pytest.raises(SystemExit, match="nnunet-diffusion crossval: .* holds a training with budget"):
         cli_main([*arguments, "--epochs", "2"])
     with pytest.raises(SystemExit, match="finds no trainer class 'nnUNetTrainerNope'"):
         cli_main(["crossval", "-d", str(crossval_dataset.dataset_id), "-c", "3d_cpu", "-tr", "nnUNetTrainerNope",

@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_diffusion.evaluation.evaluate import main
+from nnunet_diffusion.evaluation.commands.evaluate import main
 from nnunet_diffusion.utils import environment
 from nnunet_diffusion.trainers.segmentation import nnUNetTrainerDiff
-from nnunet_runs import model_folder, train_if_missing
+from nnunet_runs import model_folder, nnunet_case_dice, nnunet_mean_dice, train_if_missing
 
 DIFFUSION, STOCK = "nnUNetTrainerDiff", "nnUNetTrainer"
 SAMPLERS, SEEDS = ("ddpm", "ddim"), (0, 1)
@@ -45,9 +45,15 @@ def test_writes_tables_and_plots_with_a_row_per_case_seed_and_step(evaluation, d
     keys = {(r["model"], r["sampler"], r["seed"], r["case"], r["step"]) for r in results["per_case"]}
     assert keys == {(DIFFUSION, s, seed, c, k) for s in SAMPLERS for seed in SEEDS for c in cases
                     for k in range(1, steps + 1)} | {(STOCK, "-", "", c, 1) for c in cases}
+    saved = {(DIFFUSION, s, seed): evaluation / "predictions" / DIFFUSION / s / f"seed_{seed}" for s in SAMPLERS
+             for seed in SEEDS} | {(STOCK, "-", ""): evaluation / "predictions" / STOCK}
+    nnunet = {run: nnunet_case_dice(demo_dataset, folder) for run, folder in saved.items()}
     for row in results["per_case"]:
-        assert 0 <= row["Dice ball"] <= 1 and 0 <= row["Dice box"] <= 1 and row["HD95"] >= 0
+        assert row["HD95"] >= 0
         assert row["Dice"] == pytest.approx((row["Dice ball"] + row["Dice box"]) / 2)
+        if row["step"] == (steps if row["model"] == DIFFUSION else 1):  # the saved prediction: nnU-Net's own Dice
+            expected = nnunet[row["model"], row["sampler"], row["seed"]][row["case"]]
+            assert [row["Dice ball"], row["Dice box"]] == pytest.approx([expected[1], expected[2]], nan_ok=True)
     markdown = (evaluation / "results.md").read_text()
     assert all(title in markdown for title in ("## Final step", "## Dice per sampling step",
                                                "## Max ΔDice across seeds per step", "## Early exit"))
@@ -151,11 +157,20 @@ def test_per_k_runs_report_dice_and_predict_time_for_each_number_of_steps(demo_d
     rows = {(r["model"], r["run"]): r for r in results["per_k"]}
     assert set(rows) == {(DIFFUSION, "K = 1"), (DIFFUSION, "K = 2"), (DIFFUSION, "early exit 0.0"),
                          (STOCK, "one pass")}
-    assert all(r["seconds_per_case"] > 0 and 0 <= r["Dice"] <= 1 for r in rows.values())
+    assert all(r["seconds_per_case"] > 0 for r in rows.values())
+    assert rows[STOCK, "one pass"]["Dice"] == pytest.approx(nnunet_mean_dice(demo_dataset, tmp_path / "predictions" /
+                                                                              STOCK))
     steps = {r["step"]: r["Dice"] for r in results["summary"] if r["model"] == DIFFUSION}
     # seeded: a 1-step run is step 1 of the 2-step run, and the 2-step run is that run's prediction
     assert rows[DIFFUSION, "K = 1"]["Dice"] == pytest.approx(steps[1])
     assert rows[DIFFUSION, "K = 2"]["Dice"] == pytest.approx(steps[2])
     assert 1 <= rows[DIFFUSION, "early exit 0.0"]["mean_steps_used"] <= 2
+    # each case's early exit is one of the seeded run's steps, so its Dice lies between that case's step scores
+    per_step: dict[str, list[float]] = {}
+    for row in results["per_case"]:
+        if row["model"] == DIFFUSION:
+            per_step.setdefault(row["case"], []).append(row["Dice"])
+    assert np.mean([min(d) for d in per_step.values()]) - 1e-9 <= rows[DIFFUSION, "early exit 0.0"]["Dice"] <= \
+        np.mean([max(d) for d in per_step.values()]) + 1e-9
     assert (tmp_path / "dice_vs_predict_time.png").stat().st_size > 0
     assert "## Dice and predict time per number of steps" in (tmp_path / "results.md").read_text()

@@ -19,6 +19,7 @@ from nnunet_runs import CONFIGURATION, PLANS, mean_dice, model_folder, predict, 
 
 FOLD = 1
 TRAINER = "nnUNetTrainerDiffRecycleFinetune_1epoch"
+AGREES_WITH_STOCK = 0.9  # mean foreground Dice between the fine-tuned and the stock predictions
 
 
 @pytest.fixture(scope="module")
@@ -80,4 +81,8 @@ def test_stock_model_then_fine_tuning_then_stock_nnunetv2_predict(demo_dataset, 
         prediction = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))
         assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()
         assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
-    assert 0 <= mean_dice(demo_dataset, tmp_path / "pred") <= 1
+    # After two iterations at lr 1e-3 from exactly the stock model's predictions, the fine-tuned model still predicts
+    # what the stock model does (measured: Dice 0.99 between the two); the same diffusion trainer trained as briefly
+    # from random weights does not (0.28), and neither model is trained enough to score against the labels (~0.08).
+    predict(demo_dataset, "nnUNetTrainer", tmp_path / "stock", fold=str(FOLD), extra=["--disable_tta"])
+    assert mean_dice(demo_dataset, tmp_path / "pred", reference=tmp_path / "stock") > AGREES_WITH_STOCK

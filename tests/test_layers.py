@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nnunet_diffusion"
 LOWER_LAYERS = ("core", "bpr", "pretraining", "datasets")
 UPPER = ("nnunet_diffusion.trainers", "nnunet_diffusion.evaluation", "nnunet_diffusion.cli", "nnunet_diffusion.demo",
-         "nnunet_diffusion.runs")
+         "nnunet_diffusion.training", "nnunet_diffusion.trainer_lookup")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -1,4 +1,5 @@
-"""The denoiser built from nnU-Net plans, its time conditioning and the sampling wrapper."""
+"""The denoiser built from nnU-Net plans, its time conditioning, the CPU workarounds, the wrapper network and its
+sampling loop."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,12 @@ import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.masks import MaskCodec
-from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, FiLMNorm, changed_label_fraction
 from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, SamplerSettings
+from nnunet_diffusion.core.sampling_loop import changed_label_fraction, sample, sample_steps
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
+from nnunet_diffusion.core.time_conditioning import FiLMNorm, TimeContext
 from nnunet_diffusion.trainers.segmentation import nnUNetTrainerDiffRecycle, nnUNetTrainerDiffSelfCond
 from nnunet_runs import run
 
@@ -116,7 +119,7 @@ def test_a_single_sample_runs_as_a_batch_of_two_on_cpu_without_changing_its_logi
     image, x_t, t = torch.randn(1, 1, 8, 8, 8), torch.randn(1, 3, 8, 8, 8), torch.tensor([3])
     with torch.no_grad():
         padded = network(image, x_t, t)
-        monkeypatch.setattr("nnunet_diffusion.core.network.pads_single_sample", lambda x: False)
+        monkeypatch.setattr("nnunet_diffusion.core.diffusion_network.pads_single_sample", lambda x: False)
         alone = network(image, x_t, t)
     assert batches == [2, 1]
     for a, b in zip(*((padded, alone) if deep_supervision else ([padded], [alone]))):
@@ -179,6 +182,35 @@ def test_settings_passed_in_code_replace_the_environment_and_are_checked_against
             pass
 
 
+def test_the_eval_forward_is_one_network_call_that_runs_the_sampling_loop():
+    """nnU-Net's predictor calls `network(tile)` once per tile and mirror; that call runs K denoising passes
+    through `sampling_loop.sample`, and gives exactly what the plain function gives."""
+    network = _changing_network()
+    calls, unet_passes = [], []
+    network.register_forward_pre_hook(lambda m, a: calls.append(1))
+    network.unet.register_forward_pre_hook(lambda m, a: unet_passes.append(1))
+    image, settings = torch.randn(1, 1, 8, 8, 8), SamplerSettings("ddpm", 4, seed=2)
+    with torch.inference_mode(), network.sampling_with(settings):
+        predicted = network(image)
+    assert len(calls) == 1 and len(unet_passes) == 4
+    with torch.inference_mode():
+        assert torch.equal(predicted, sample(network.denoise, network.scheduler, network.codec, image, settings))
+
+
+def test_the_sampling_loop_takes_any_denoiser_and_feeds_it_the_previous_estimate():
+    network = _small_network()
+    seen = []
+
+    def denoise(image, x_t, t, previous_x0):
+        seen.append((t.tolist(), previous_x0 is None))
+        return torch.ones(image.shape[0], 3, *image.shape[2:])  # the same x0 at every step
+
+    steps = list(sample_steps(denoise, network.scheduler, network.codec, torch.zeros(2, 1, 4, 4, 4),
+                              SamplerSettings("ddim", 3, seed=0)))
+    assert len(steps) == 3 and all(torch.equal(s, steps[0]) for s in steps)
+    assert seen == [([4, 4], True), ([2, 2], False), ([0, 0], False)]
+
+
 def _converged_network():
     """A denoiser whose estimate ignores the noisy mask and t: every step gives the same labels."""
     network = _small_network(time_conditioning=False).eval()
@@ -236,7 +268,6 @@ def test_mask_activation_travels_in_the_state_dict():
                                   torch.nn.BatchNorm3d(4)])
 def test_film_gives_norm_times_one_plus_scale_plus_shift(norm):
     """The fused instance-norm path and the generic path compute the same FiLM."""
-    from nnunet_diffusion.core.network import TimeContext
     torch.manual_seed(0)
     context = TimeContext()
     film = FiLMNorm(norm, 4, 6, context)

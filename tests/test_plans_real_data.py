@@ -19,7 +19,8 @@ import SimpleITK as sitk
 from nnunet_diffusion.plans import (FEATURE_MAP_MIN_EDGE_LENGTH, MAX_POOLINGS_PER_AXIS, PresetOverrides,
                                     derive_plans, derived_plans_name, load_preset, plan_and_preprocess_with_preset,
                                     write_preset_plans)
-from nnunet_diffusion.runs import TrainingBudget, train_model
+from nnunet_diffusion.training import TrainingRun, train
+from nnunet_diffusion.utils import TrainingBudget
 from nnunet_diffusion.utils import environment
 from nnunet_runs import Dataset, run
 
@@ -152,8 +153,8 @@ def test_every_preset_trains_and_predicts_on_real_plans(dataset_fixture, preset_
         assert size <= max(preset["patch_size"][axis], parent["patch_size"][axis])  # never beyond nnU-Net's own
 
     with environment(nnUNet_n_proc_DA="0"):
-        train_model(str(dataset.dataset_id), preset["configuration"], "all", trainer, plans_name,
-                    TrainingBudget(1, 1, 1))
+        train(TrainingRun(str(dataset.dataset_id), preset["configuration"], "all", trainer, plans_name,
+                          TrainingBudget(1, 1, 1)))
     image = _one_case_input(dataset, tmp_path / "input")
     run(["nnUNetv2_predict", "-i", str(image.parent), "-o", str(tmp_path / "output"), "-d", str(dataset.dataset_id),
          "-c", preset["configuration"], "-p", plans_name, "-tr", trainer, "-f", "all", "-device", "cpu",

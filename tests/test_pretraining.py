@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_diffusion.pretraining.coordinate_conditioning import COORDINATES_KEY
+from nnunet_diffusion.pretraining.coordinate_modulation import COORDINATES_KEY
 from nnunet_diffusion.pretraining.network import BACKBONES
 from nnunet_diffusion.pretraining.restoration import (bezier_curve, genesis_distort, inpaint, local_shuffle,
                                                       nonlinear_intensity, outpaint)
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
-from nnunet_diffusion.trainers.coordinate_channels import ImageChannelsOnly, check_coordinate_channels
-from nnunet_diffusion.trainers.pretraining import (PRETRAINING_TRAINERS, TIMESTEP_VARIANTS, nnUNetTrainerDiffPretrain,
+from nnunet_diffusion.trainers.coordinate_inputs import ImageChannelsOnly, check_coordinate_channels
+from nnunet_diffusion.trainers.pretraining import (PRETRAINING_TRAINERS, nnUNetTrainerDiffPretrain,
                                                    nnUNetTrainerDiffPretrainCoord, nnUNetTrainerDiffPretrainCoordX0,
                                                    nnUNetTrainerDiffPretrainX0)
 from nnunet_diffusion.trainers.probes import PROBE_TRAINERS
+from nnunet_diffusion.trainers.pretraining_timesteps import TIMESTEP_VARIANTS
 from nnunet_runs import CONFIGURATION, PLANS, predict, train_in_process
 
 TRAINER_NAMES = [cls.__name__ for cls in PRETRAINING_TRAINERS + PROBE_TRAINERS]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
+from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.masks import MaskCodec
-from nnunet_diffusion.core.network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.stock_start import StockWeightsError, load_stock_weights

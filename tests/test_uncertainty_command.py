@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_diffusion.datasets.synthetic import LABELS
-from nnunet_diffusion.evaluation.uncertainty_maps import main
+from nnunet_diffusion.evaluation.commands.uncertainty import main
 from nnunet_runs import train_if_missing
 
 DIFFUSION = "nnUNetTrainerDiff"

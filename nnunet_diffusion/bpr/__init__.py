@@ -5,7 +5,7 @@ its checkpoints (load_bpr_from_nnunet_checkpoint) needs only this package.
 """
 from nnunet_diffusion.bpr.model import (AXIS_NAMES, BPRConfig, BPRModel, build_bpr, load_bpr,
                                         load_bpr_from_nnunet_checkpoint, save_bpr)
-from nnunet_diffusion.bpr.coordinates import ordering_spearman
+from nnunet_diffusion.bpr.body_coordinates import ordering_spearman
 from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, train_bpr
 
 __all__ = ["AXIS_NAMES", "BPRConfig", "BPRModel", "BPRLossWeights", "bpr_loss", "build_bpr", "load_bpr",

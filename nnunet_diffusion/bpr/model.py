@@ -3,7 +3,7 @@
 A score is an anatomical coordinate along one axis in units of `mm_per_unit` millimetres (100 mm by default,
 so scores stay O(1) as network inputs): training asks consecutive equidistant slices to differ by
 Δmm / mm_per_unit. Scores are defined up to an additive constant per axis, as in SSBR / bpreg; a weak L2 term
-keeps them near zero. `bpr.coordinates` turns the scores of a case's whole slices into its coordinates.
+keeps them near zero. `bpr.body_coordinates` turns the scores of a case's whole slices into its coordinates.
 
 Axes are array axes 0, 1, 2 of the data the BPR sees, named axial / coronal / sagittal for (z, y, x) arrays as
 SimpleITK returns them. nnU-Net may transpose axes during preprocessing (plans' transpose_forward): a BPR trained
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from nnunet_diffusion.checkpoints import load_checkpoint
 
 AXIS_NAMES: tuple[str, str, str] = ("axial", "coronal", "sagittal")
 INTENSITY_NORMALIZATIONS = ("ct_window", "none")
@@ -178,7 +180,7 @@ def save_bpr(model: BPRModel, path: str | Path) -> None:
 
 def load_bpr(path: str | Path, map_location: str | torch.device = "cpu") -> BPRModel:
     """Rebuild a BPR saved with save_bpr; map_location lets a GPU-saved file load on a CPU-only machine."""
-    checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
+    checkpoint = load_checkpoint(path, map_location=map_location)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != BPR_FILE_FORMAT:
         raise ValueError(f"{path} is not a BPR file written by save_bpr (for an nnU-Net checkpoint of "
                          "nnUNetTrainerBPR use load_bpr_from_nnunet_checkpoint)")
@@ -194,7 +196,7 @@ def load_bpr_from_nnunet_checkpoint(path: str | Path) -> BPRModel:
     The BPR's config (patch size, plans, configuration, ...) is stored inside the network weights, so neither
     the trainer class nor the plans are needed.
     """
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path, map_location="cpu")
     weights = checkpoint.get("network_weights", {}) if isinstance(checkpoint, dict) else {}
     if "_extra_state" not in weights:
         trainer = checkpoint.get("trainer_name") if isinstance(checkpoint, dict) else None

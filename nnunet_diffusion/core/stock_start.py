@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, FiLMNorm
+from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
+from nnunet_diffusion.core.time_conditioning import FiLMNorm
 
 
 class StockWeightsError(ValueError):

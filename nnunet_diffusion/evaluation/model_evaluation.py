@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from nnunet_diffusion.core.sampling import SamplerSettings
-from nnunet_diffusion.core.scheduler import SAMPLERS
 from nnunet_diffusion.evaluation.metrics import evaluate_case, evaluation_targets, target_names
+from nnunet_diffusion.evaluation.options import EvaluationOptions
 from nnunet_diffusion.evaluation.model_folders import (Case, ModelFolder, check_reference_geometry, check_same_task,
                                                        find_cases, read_model_folder)
 from nnunet_diffusion.evaluation.report import (markdown_table, plot_dice_vs_time, plot_metric_vs_step, write_csv,
@@ -26,28 +26,6 @@ from nnunet_diffusion.utils import nanmean
 
 NO_SAMPLER = "-"  # the sampler column of stock (non-diffusion) models
 SPREAD = "max_delta_dice"
-
-
-@dataclass(frozen=True)
-class EvaluationOptions:
-    """How to predict: folds and checkpoint as for nnUNetv2_predict, plus the sampling grid for diffusion models."""
-    folds: tuple[int | str, ...] = (0,)
-    checkpoint: str = "checkpoint_final.pth"
-    samplers: tuple[str, ...] = ("ddpm", "ddim")
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    steps: int | None = None  # None: each model's training timesteps T
-    early_exit: float | None = None
-    per_k: bool = False
-    device: str = "cuda"
-    use_mirroring: bool = True
-    save_probabilities: bool = False
-
-    def __post_init__(self):
-        unknown = [s for s in self.samplers if s not in SAMPLERS]
-        if unknown or not self.samplers:
-            raise ValueError(f"samplers must be among {', '.join(SAMPLERS)}, got {', '.join(self.samplers) or 'none'}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
 
 
 def model_labels(models: Sequence[ModelFolder]) -> list[str]:

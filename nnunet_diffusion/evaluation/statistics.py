@@ -68,3 +68,27 @@ def paired_difference(a: str, b: str, scores_a: Mapping[str, float], scores_b: M
     low, high = bootstrap_interval(differences)
     return PairedDifference(a, b, len(cases), float(differences.mean()), low, high, signed_rank_p(differences),
                             int((differences > 0).sum()))
+
+
+BETTER, WORSE, ON_PAR, UNDECIDED = "A better", "B better", "on par", "undecided"
+SIGNIFICANCE = 0.05
+
+
+def verdict(difference: PairedDifference, margin: float, folds_a_better: int = 0, folds: int = 0) -> str:
+    """The reading of A − B at an equivalence margin (Dice): better or worse when the whole 95 % interval lies
+    beyond the margin, on par when it lies inside ±margin, undecided when it crosses a margin or when the evidence
+    disagrees with itself (an interval that excludes zero while the signed-rank test does not reject, or a mean
+    whose sign most folds contradict)."""
+    low, high = difference.interval_low, difference.interval_high
+    excludes_zero = low > 0 or high < 0
+    folds_disagree = folds > 1 and (folds_a_better < folds / 2 if difference.mean > 0 else
+                                    folds_a_better > folds / 2)
+    if excludes_zero and (difference.p_signed_rank >= SIGNIFICANCE or folds_disagree):
+        return UNDECIDED
+    if low > margin:
+        return BETTER
+    if high < -margin:
+        return WORSE
+    if -margin <= low and high <= margin:
+        return ON_PAR
+    return UNDECIDED

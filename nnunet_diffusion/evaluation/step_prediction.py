@@ -19,7 +19,7 @@ import torch
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_diffusion.core.network import DiffusionSegmentationNetwork
+from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.evaluation.model_folders import Case, ModelFolder
 from nnunet_diffusion.trainer_support import unwrap

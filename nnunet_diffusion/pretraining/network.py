@@ -3,7 +3,7 @@
 Both are built on `PretrainedBackbone`: nnU-Net's planned UNet (optionally time-conditioned with FiLM, as the
 diffusion segmentation networks are) and, for coordinate-guided backbones, the dataset's last three channels
 (anatomical coordinates from `nnunet-diffusion add-coordinates`) as extra UNet inputs and as a per-voxel
-modulation after every normalisation layer (`coordinate_conditioning.py`); only the image channels are noised or
+modulation after every normalisation layer (`coordinate_modulation.py`); only the image channels are noised or
 distorted. A probe network is the same backbone (identical state-dict keys) plus a head
 under `head.seg_layers.*`, so `load_pretrained_weights` copies every backbone tensor and leaves only the head
 random. The UNet's own `decoder.seg_layers` (the pretext output layer) is skipped by it too and unused by probes.
@@ -21,11 +21,11 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_diffusion.core.network import (TimeContext, TimeEmbedding, add_time_conditioning, build_unet_from_plans,
-                                           conditioned_on)
-from nnunet_diffusion.pretraining.coordinate_conditioning import (COORDINATE_CHANNELS, COORDINATE_INIT_STD,
-                                                                  CoordinateContext, add_coordinate_conditioning,
-                                                                  conditioned_on_coordinates)
+from nnunet_diffusion.core.time_conditioning import TimeContext, TimeEmbedding, add_time_conditioning, conditioned_on
+from nnunet_diffusion.core.unet_from_plans import build_unet_from_plans
+from nnunet_diffusion.pretraining.coordinate_modulation import (COORDINATE_CHANNELS, COORDINATE_INIT_STD,
+                                                                CoordinateContext, add_coordinate_modulation,
+                                                                conditioned_on_coordinates)
 from nnunet_diffusion.pretraining.heads import LinearProbeHead, NonLinearProbeHead
 
 EMBEDDING_DIM = 128
@@ -84,7 +84,7 @@ class PretrainedBackbone(nn.Module):
             self.register_buffer("num_timesteps", torch.tensor(0))
         self.coordinate_context = CoordinateContext()
         if spec.coordinates:
-            add_coordinate_conditioning(unet, self.coordinate_context, COORDINATE_INIT_STD)
+            add_coordinate_modulation(unet, self.coordinate_context, COORDINATE_INIT_STD)
         self.unet = unet
         self.register_buffer("holds_pretrained_weights", torch.tensor(False))
 

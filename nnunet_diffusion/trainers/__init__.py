@@ -1,12 +1,11 @@
-"""All trainers of the plugin, one module per family, re-exported by the shim folder that `nnUNet_extTrainer`
-points at. Each derives from `base.PluginTrainer`."""
-from nnunet_diffusion.trainers.bpr import nnUNetTrainerBPR, nnUNetTrainerBPR_smoke
-from nnunet_diffusion.trainers.finetune import FINETUNE_TRAINERS
-from nnunet_diffusion.trainers.pretraining import PRETRAINING_TRAINERS
-from nnunet_diffusion.trainers.probes import PROBE_TRAINERS
-from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS
+"""All trainers of the plugin, re-exported by the shim folder that `nnUNet_extTrainer` points at. Each derives
+from `base.PluginTrainer`; the list is read from the family modules (`registry.trainers_defined_in`), so a class
+added to one of them is exported, and found by `nnUNetv2_train -tr`, without an edit here."""
+from nnunet_diffusion.trainers import (bpr, finetune, pretraining, pretraining_timesteps, probes, segmentation,
+                                       training_length)
+from nnunet_diffusion.trainers.registry import trainers_defined_in
 
-ALL_TRAINERS = (SEGMENTATION_TRAINERS + FINETUNE_TRAINERS + [nnUNetTrainerBPR, nnUNetTrainerBPR_smoke]
-                + PRETRAINING_TRAINERS + PROBE_TRAINERS)
+FAMILY_MODULES = (segmentation, finetune, training_length, bpr, pretraining, pretraining_timesteps, probes)
+ALL_TRAINERS = [cls for module in FAMILY_MODULES for cls in trainers_defined_in(vars(module))]
 globals().update({cls.__name__: cls for cls in ALL_TRAINERS})
 __all__ = [cls.__name__ for cls in ALL_TRAINERS]

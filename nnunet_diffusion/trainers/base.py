@@ -10,6 +10,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
+from nnunet_diffusion.checkpoints import load_checkpoint
 from nnunet_diffusion.trainer_support import ensure_checkpoint_fits, unwrap
 
 
@@ -44,7 +45,7 @@ class PluginTrainer(nnUNetTrainer):
         extra = self.plugin_checkpoint_state()
         to_cpu = self.checkpoint_on_cpu and self.device.type != 'cpu'
         if (extra or to_cpu) and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location='cpu', weights_only=False)
+            checkpoint = load_checkpoint(filename, map_location='cpu')
             torch.save({**checkpoint, **extra}, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
@@ -56,7 +57,7 @@ class PluginTrainer(nnUNetTrainer):
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            checkpoint = load_checkpoint(checkpoint, map_location=self.device)
         ensure_checkpoint_fits(self, checkpoint, f"checkpoint {filename_or_checkpoint}"
                                if isinstance(filename_or_checkpoint, str) else "the checkpoint")
         super().load_checkpoint(filename_or_checkpoint)

@@ -4,7 +4,7 @@ Run it like any trainer: `nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrain
 pointing at a folder that re-exports this module). Labels are ignored. What differs from segmentation training:
 
 - the BPR reads whole slices (the full field of view, resampled to its slice size), so the trainer feeds whole
-  preprocessed cases (nnU-Net's dataset class, `load_case`) instead of nnU-Net's patches;
+  preprocessed cases (nnU-Net's dataset class, `load_case`; `bpr/whole_cases.py`) instead of nnU-Net's patches;
 - no rotation, scaling or mirroring: they would scramble the anatomical order the BPR learns (nnU-Net's
   intensity augmentation is kept, applied to each whole case);
 - the network is the BPR (intensity_normalization="none": nnU-Net has normalised the data already), Adam with
@@ -27,57 +27,27 @@ from typing import Union
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, save_json
-from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
-from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
-from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
-from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
-from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
-from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
-from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_diffusion.bpr.model import AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel
-from nnunet_diffusion.bpr.coordinates import ordering_spearman
-from nnunet_diffusion.bpr.model import resized_slices
+from nnunet_diffusion.bpr.body_coordinates import ordering_spearman
+from nnunet_diffusion.bpr.model import AXIS_NAMES, DEFAULT_FEATURES_PER_STAGE, BPRConfig, BPRModel, resized_slices
 from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, sample_equidistant_slices
+from nnunet_diffusion.bpr.whole_cases import WholeCases
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
+from nnunet_diffusion.trainers.coordinate_inputs import _is_intensity
+from nnunet_diffusion.trainers.registry import trainers_defined_in
 from nnunet_diffusion.utils import nanmean
-
-__all__ = ["nnUNetTrainerBPR", "nnUNetTrainerBPR_smoke"]
 
 
 def _nan_to_none(value: float) -> float | None:
     """JSON has no NaN: an undefined correlation is written as null."""
     return None if np.isnan(value) else float(value)
-
-
-class WholeCases:
-    """Endless batches of whole preprocessed cases (first image channel), as (D0, D1, D2) tensors of their own
-    shapes, each intensity-augmented with `augmentation` when given. Cases are drawn with numpy's global RNG, as
-    nnU-Net's loader draws its patches."""
-
-    def __init__(self, dataset, batch_size: int, augmentation: BasicTransform | None):
-        self.dataset, self.batch_size, self.augmentation = dataset, batch_size, augmentation
-        self.keys = list(dataset.identifiers)
-
-    def __iter__(self) -> WholeCases:
-        return self
-
-    def __next__(self) -> dict:
-        volumes = []
-        for key in np.random.choice(self.keys, self.batch_size):
-            image = torch.from_numpy(np.asarray(self.dataset.load_case(key)[0][:1], dtype=np.float32))
-            if self.augmentation is not None:
-                image = self.augmentation(image=image)["image"]
-            volumes.append(image[0])
-        return {"data": volumes}
 
 
 class nnUNetTrainerBPR(PluginTrainer):
@@ -156,38 +126,12 @@ class nnUNetTrainerBPR(PluginTrainer):
                                "anatomical order)")
         return (0.0, 0.0), False, patch_size, None
 
-    @staticmethod
-    def get_training_transforms(
-            patch_size: Union[np.ndarray, tuple[int]],
-            rotation_for_DA: RandomScalar,
-            deep_supervision_scales: Union[list, tuple, None],
-            mirror_axes: tuple[int, ...],
-            do_dummy_2d_data_aug: bool,
-            use_mask_for_norm: list[bool] = None,
-            is_cascaded: bool = False,
-            foreground_labels: Union[tuple[int, ...], list[int]] = None,
-            regions: list[Union[list[int], tuple[int, ...], int]] = None,
-            ignore_label: int = None,
-    ) -> BasicTransform:
-        """nnU-Net's intensity augmentations only (applied to whole cases, see WholeCases)."""
-        return ComposeTransforms([
-            RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1,
-                                                   synchronize_channels=True), apply_probability=0.1),
-            RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.0), synchronize_channels=False,
-                                                  synchronize_axes=False, p_per_channel=0.5, benchmark=True),
-                            apply_probability=0.2),
-            RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast((0.75, 1.25)),
-                                                              synchronize_channels=False, p_per_channel=1),
-                            apply_probability=0.15),
-            RandomTransform(ContrastTransform(contrast_range=BGContrast((0.75, 1.25)), preserve_range=True,
-                                              synchronize_channels=False, p_per_channel=1), apply_probability=0.15),
-            RandomTransform(SimulateLowResolutionTransform(scale=(0.5, 1), synchronize_channels=False,
-                                                           synchronize_axes=True, ignore_axes=None,
-                                                           allowed_channels=None, p_per_channel=0.5),
-                            apply_probability=0.25),
-            RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
-                                           p_per_channel=1, p_retain_stats=1), apply_probability=0.3),
-        ])
+    @classmethod
+    def get_training_transforms(cls, *args, **kwargs) -> BasicTransform:
+        """nnU-Net's intensity augmentations only, with nnU-Net's parameters, taken from its own training transforms
+        (the spatial ones would scramble the anatomical order); applied to whole cases, see WholeCases."""
+        transforms = super().get_training_transforms(*args, **kwargs)
+        return ComposeTransforms([t for t in transforms.transforms if _is_intensity(t)])
 
     @staticmethod
     def get_validation_transforms(
@@ -300,3 +244,6 @@ class nnUNetTrainerBPR_smoke(nnUNetTrainerBPR):
     bpr_num_epochs = 2
     bpr_iterations_per_epoch = 6
     bpr_val_iterations_per_epoch = 2
+
+
+__all__ = [cls.__name__ for cls in trainers_defined_in(globals())]

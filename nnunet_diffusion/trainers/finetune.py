@@ -6,7 +6,8 @@ the segmentation heads (`.seg_layers.`), and it hands the file to nobody else. T
 source model themselves, as nnU-Net's cascade finds the previous stage: `<nnUNet_results>/<dataset>/
 <source_trainer>__<plans>__<configuration>/fold_<fold>/checkpoint_final.pth`, or the checkpoint that
 `nnUNet_diffusion_finetune_from` names. The weights go in through `core.stock_start.load_stock_weights`, so the
-first x0 logits equal the stock model's output (see that module).
+first x0 logits equal the stock model's output (see that module). The short schedules of the budget study
+(`_2epochs` … `_10epochs`) are in `training_length.py`.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from nnunet_diffusion.checkpoints import load_checkpoint
 from nnunet_diffusion.core.stock_start import StockWeightsError, load_stock_weights
 from nnunet_diffusion.trainer_support import unwrap
+from nnunet_diffusion.trainers.registry import trainers_defined_in
 from nnunet_diffusion.trainers.segmentation import (nnUNetTrainerDiff, nnUNetTrainerDiffRecycle,
                                                     nnUNetTrainerDiffSelfCond)
 
@@ -63,7 +66,7 @@ class StockStart:
         """Load the source checkpoint's weights into this trainer's network; refuse one of other plans,
         configuration, labels or input channels."""
         path = self.source_checkpoint()
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(path, map_location="cpu")
         init_args = checkpoint.get("init_args", {})
         trained = (init_args.get("plans", {}).get("plans_name"), init_args.get("configuration"))
         wanted = (self.plans_manager.plans_name, self.configuration_name)
@@ -102,31 +105,4 @@ class nnUNetTrainerDiffRecycleFinetuneFullLR(nnUNetTrainerDiffRecycleFinetune):
     finetune_initial_lr = 1e-2
 
 
-class nnUNetTrainerDiffRecycleFinetune_1epoch(nnUNetTrainerDiffRecycleFinetune):
-    """nnUNetTrainerDiffRecycleFinetune for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffRecycleFinetune_2epochs(nnUNetTrainerDiffRecycleFinetune):
-    """nnUNetTrainerDiffRecycleFinetune for 2 epochs of 250 iterations."""
-    training_epochs = 2
-
-
-class nnUNetTrainerDiffRecycleFinetune_5epochs(nnUNetTrainerDiffRecycleFinetune):
-    """nnUNetTrainerDiffRecycleFinetune for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffRecycleFinetune_10epochs(nnUNetTrainerDiffRecycleFinetune):
-    """nnUNetTrainerDiffRecycleFinetune for 10 epochs of 250 iterations."""
-    training_epochs = 10
-
-
-class nnUNetTrainerDiffRecycleFinetuneFullLR_5epochs(nnUNetTrainerDiffRecycleFinetuneFullLR):
-    """nnUNetTrainerDiffRecycleFinetuneFullLR for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-FINETUNE_TRAINERS = [c for c in list(globals().values())
-                     if isinstance(c, type) and issubclass(c, StockStart) and c.__module__ == __name__
-                     and c is not StockStart]
+FINETUNE_TRAINERS = trainers_defined_in(globals())

@@ -7,14 +7,14 @@ never by label):
   dataset's anatomical coordinate channels (a BPR's, from `nnunet-diffusion add-coordinates`; never noised) go
   into a time-conditioned UNet built from the plans, as input channels and as a modulation after every
   normalisation, trained to predict ε with MSE (DDPM's objective). `…X0` predicts the clean patch instead (the
-  usual choice for representation learning: an ε output never has to carry absolute intensity). `_T1`, `_T3`,
-  `_T30`, `_T100`, `_T1000` of both vary T (the noise range), for the timestep ablation.
+  usual choice for representation learning: an ε output never has to carry absolute intensity). Their copies
+  with another T (the noise range), for the timestep ablation, are in `pretraining_timesteps.py`.
 - `nnUNetTrainerDiffPretrain` (+ `X0`): the same without coordinates.
 - `nnUNetTrainerRestorePretrain` (+ `Coord`): Models Genesis restoration (see `restoration.py`), same UNet, no
   time input.
 
 nnU-Net's data augmentation stays on: spatial transforms move the coordinate channels with the image; intensity
-transforms act on the image channels only (`coordinate_channels.py`). Validation logs
+transforms act on the image channels only (`coordinate_inputs.py`). Validation logs
 nnU-Net's own keys with mean_fg_dice = −(validation pretext loss), so progress.png and checkpoint_best track the
 loss; the final segmentation validation is replaced by `validation/pretext_validation.json`. Checkpoints are
 written with CPU tensors, because `nnUNetv2_train -pretrained_weights` loads them without a map_location.
@@ -37,7 +37,8 @@ from nnunet_diffusion.pretraining.network import (DIFFUSION, DIFFUSION_COORD, RE
 from nnunet_diffusion.pretraining.restoration import genesis_distort
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
-from nnunet_diffusion.trainers.coordinate_channels import CoordinateChannelsMixin
+from nnunet_diffusion.trainers.coordinate_inputs import CoordinateChannelsMixin
+from nnunet_diffusion.trainers.registry import trainers_defined_in
 
 
 class PretrainingTrainer(CoordinateChannelsMixin, PluginTrainer):
@@ -161,60 +162,5 @@ class nnUNetTrainerRestorePretrainCoord(nnUNetTrainerRestorePretrain):
     backbone = RESTORATIVE_COORD
 
 
-# The timestep ablation (T = 10 is the default of the base classes).
-
-class nnUNetTrainerDiffPretrainCoord_T1(nnUNetTrainerDiffPretrainCoord):
-    """nnUNetTrainerDiffPretrainCoord with T = 1 (ᾱ at the last step 0.9999), for the timestep ablation."""
-    num_timesteps = 1
-
-
-class nnUNetTrainerDiffPretrainCoord_T3(nnUNetTrainerDiffPretrainCoord):
-    """nnUNetTrainerDiffPretrainCoord with T = 3 (ᾱ at the last step 0.97), for the timestep ablation."""
-    num_timesteps = 3
-
-
-class nnUNetTrainerDiffPretrainCoord_T30(nnUNetTrainerDiffPretrainCoord):
-    """nnUNetTrainerDiffPretrainCoord with T = 30 (ᾱ at the last step 0.74), for the timestep ablation."""
-    num_timesteps = 30
-
-
-class nnUNetTrainerDiffPretrainCoord_T100(nnUNetTrainerDiffPretrainCoord):
-    """nnUNetTrainerDiffPretrainCoord with T = 100 (ᾱ at the last step 0.36), for the timestep ablation."""
-    num_timesteps = 100
-
-
-class nnUNetTrainerDiffPretrainCoord_T1000(nnUNetTrainerDiffPretrainCoord):
-    """nnUNetTrainerDiffPretrainCoord with T = 1000 (ᾱ at the last step 4e-5, pure noise): timestep ablation."""
-    num_timesteps = 1000
-
-
-class nnUNetTrainerDiffPretrainCoordX0_T1(nnUNetTrainerDiffPretrainCoordX0):
-    """nnUNetTrainerDiffPretrainCoordX0 with T = 1 (ᾱ at the last step 0.9999), for the timestep ablation."""
-    num_timesteps = 1
-
-
-class nnUNetTrainerDiffPretrainCoordX0_T3(nnUNetTrainerDiffPretrainCoordX0):
-    """nnUNetTrainerDiffPretrainCoordX0 with T = 3 (ᾱ at the last step 0.97), for the timestep ablation."""
-    num_timesteps = 3
-
-
-class nnUNetTrainerDiffPretrainCoordX0_T30(nnUNetTrainerDiffPretrainCoordX0):
-    """nnUNetTrainerDiffPretrainCoordX0 with T = 30 (ᾱ at the last step 0.74), for the timestep ablation."""
-    num_timesteps = 30
-
-
-class nnUNetTrainerDiffPretrainCoordX0_T100(nnUNetTrainerDiffPretrainCoordX0):
-    """nnUNetTrainerDiffPretrainCoordX0 with T = 100 (ᾱ at the last step 0.36), for the timestep ablation."""
-    num_timesteps = 100
-
-
-class nnUNetTrainerDiffPretrainCoordX0_T1000(nnUNetTrainerDiffPretrainCoordX0):
-    """nnUNetTrainerDiffPretrainCoordX0 with T = 1000 (ᾱ at the last step 4e-5, pure noise): timestep ablation."""
-    num_timesteps = 1000
-
-
-PRETRAINING_TRAINERS = [c for c in list(globals().values())
-                        if isinstance(c, type) and issubclass(c, PretrainingTrainer) and c.__module__ == __name__
-                        and c is not PretrainingTrainer]
-TIMESTEP_VARIANTS = [c for c in PRETRAINING_TRAINERS if "_T" in c.__name__]
+PRETRAINING_TRAINERS = trainers_defined_in(globals())
 __all__ = [cls.__name__ for cls in PRETRAINING_TRAINERS]

@@ -19,7 +19,7 @@ from nnunet_diffusion.pretraining.network import (DIFFUSION, DIFFUSION_COORD, RE
                                                   BackboneSpec, build_probe_network)
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
-from nnunet_diffusion.trainers.coordinate_channels import CoordinateChannelsMixin
+from nnunet_diffusion.trainers.coordinate_inputs import CoordinateChannelsMixin
 
 
 class ProbeTrainer(CoordinateChannelsMixin, PluginTrainer):

@@ -4,8 +4,8 @@ All share `nnUNetTrainerDiff`: nnU-Net plans the network, loads and augments the
 prediction; the trainer only swaps in the time-conditioned denoiser and a `train_step` that asks its training
 strategy for the inputs of the trained pass. Options are class attributes, each with a trainer named after it:
 deep supervision on the x0 logits (`...DS`), loss-aware timestep sampling (`...Importance`), recycling trained
-at every t (`...AllT`), no time conditioning (`...NoTime`), Dice + focal loss (`...Focal`); `_1epoch` and
-`_5epochs` variants of each for quick runs (see docs/trainers.md).
+at every t (`...AllT`), no time conditioning (`...NoTime`), Dice + focal loss (`...Focal`). Their `_1epoch` and
+`_5epochs` copies for quick runs are in `training_length.py` (see docs/trainers.md).
 """
 
 import torch
@@ -15,17 +15,19 @@ from nnunetv2.utilities.helpers import softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.losses import DiceFocalLoss, per_sample_cross_entropy
 from nnunet_diffusion.core.masks import MaskCodec, full_resolution
-from nnunet_diffusion.core.network import DiffusionSegmentationNetwork, build_unet_from_plans
 from nnunet_diffusion.core.sampling import check_environment
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.strategies import (PlainDiffusion, Recycling, RecyclingAllSteps, RecyclingNext,
                                               SelfConditioning, SelfConditioningNext, TrainingStrategy)
 from nnunet_diffusion.core.timesteps import make_timestep_sampler
+from nnunet_diffusion.core.unet_from_plans import build_unet_from_plans
 from nnunet_diffusion.trainer_support import TimestepLossLog, unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
+from nnunet_diffusion.trainers.registry import trainers_defined_in
 
 TIMESTEP_SAMPLER_KEY = "timestep_sampler"
 
@@ -44,7 +46,7 @@ class nnUNetTrainerDiff(PluginTrainer):
     focal_loss = False
     x0_deep_supervision = False  # nnU-Net's deep-supervision loss on the decoder's lower-resolution x0 logits
     timestep_sampling = "uniform"  # or "loss_aware" (see core/timesteps.py)
-    training_epochs: int | None = None  # set by the short-schedule variants
+    training_epochs: int | None = None  # None keeps nnU-Net's 1000; fine-tuning and the short schedules set it
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -192,131 +194,6 @@ class nnUNetTrainerDiffRecycleImportance(nnUNetTrainerDiffRecycle):
     timestep_sampling = "loss_aware"
 
 
-# Short schedules, in nnU-Net's naming style (like nnUNetTrainer_5epochs), for quick runs and ablations.
-
-
-class nnUNetTrainerDiff_1epoch(nnUNetTrainerDiff):
-    """nnUNetTrainerDiff for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiff_5epochs(nnUNetTrainerDiff):
-    """nnUNetTrainerDiff for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffSelfCond_1epoch(nnUNetTrainerDiffSelfCond):
-    """nnUNetTrainerDiffSelfCond for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffSelfCond_5epochs(nnUNetTrainerDiffSelfCond):
-    """nnUNetTrainerDiffSelfCond for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffSelfCondNext_1epoch(nnUNetTrainerDiffSelfCondNext):
-    """nnUNetTrainerDiffSelfCondNext for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffSelfCondNext_5epochs(nnUNetTrainerDiffSelfCondNext):
-    """nnUNetTrainerDiffSelfCondNext for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffRecycleNext_1epoch(nnUNetTrainerDiffRecycleNext):
-    """nnUNetTrainerDiffRecycleNext for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffRecycleNext_5epochs(nnUNetTrainerDiffRecycleNext):
-    """nnUNetTrainerDiffRecycleNext for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffRecycle_1epoch(nnUNetTrainerDiffRecycle):
-    """nnUNetTrainerDiffRecycle for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffRecycle_5epochs(nnUNetTrainerDiffRecycle):
-    """nnUNetTrainerDiffRecycle for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffRecycleNoTime_1epoch(nnUNetTrainerDiffRecycleNoTime):
-    """nnUNetTrainerDiffRecycleNoTime for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffRecycleNoTime_5epochs(nnUNetTrainerDiffRecycleNoTime):
-    """nnUNetTrainerDiffRecycleNoTime for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffRecycleFocal_1epoch(nnUNetTrainerDiffRecycleFocal):
-    """nnUNetTrainerDiffRecycleFocal for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffRecycleFocal_5epochs(nnUNetTrainerDiffRecycleFocal):
-    """nnUNetTrainerDiffRecycleFocal for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffDS_1epoch(nnUNetTrainerDiffDS):
-    """nnUNetTrainerDiffDS for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffDS_5epochs(nnUNetTrainerDiffDS):
-    """nnUNetTrainerDiffDS for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffRecycleDS_1epoch(nnUNetTrainerDiffRecycleDS):
-    """nnUNetTrainerDiffRecycleDS for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffRecycleDS_5epochs(nnUNetTrainerDiffRecycleDS):
-    """nnUNetTrainerDiffRecycleDS for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffRecycleAllT_1epoch(nnUNetTrainerDiffRecycleAllT):
-    """nnUNetTrainerDiffRecycleAllT for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffRecycleAllT_5epochs(nnUNetTrainerDiffRecycleAllT):
-    """nnUNetTrainerDiffRecycleAllT for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffImportance_1epoch(nnUNetTrainerDiffImportance):
-    """nnUNetTrainerDiffImportance for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffImportance_5epochs(nnUNetTrainerDiffImportance):
-    """nnUNetTrainerDiffImportance for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
-class nnUNetTrainerDiffRecycleImportance_1epoch(nnUNetTrainerDiffRecycleImportance):
-    """nnUNetTrainerDiffRecycleImportance for 1 epoch of 250 iterations."""
-    training_epochs = 1
-
-
-class nnUNetTrainerDiffRecycleImportance_5epochs(nnUNetTrainerDiffRecycleImportance):
-    """nnUNetTrainerDiffRecycleImportance for 5 epochs of 250 iterations."""
-    training_epochs = 5
-
-
 STRATEGY_TRAINERS = [nnUNetTrainerDiff, nnUNetTrainerDiffSelfCond, nnUNetTrainerDiffSelfCondNext,
                      nnUNetTrainerDiffRecycleNext, nnUNetTrainerDiffRecycle]
-SEGMENTATION_TRAINERS = [c for c in list(globals().values())
-                         if isinstance(c, type) and issubclass(c, nnUNetTrainerDiff) and c.__module__ == __name__]
-SHORT_SCHEDULE_TRAINERS = [c for c in SEGMENTATION_TRAINERS if c.training_epochs is not None]
+SEGMENTATION_TRAINERS = trainers_defined_in(globals())

@@ -18,7 +18,7 @@ from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResol
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from nnunet_diffusion.pretraining.coordinate_conditioning import COORDINATE_CHANNELS, coordinate_channel_problem
+from nnunet_diffusion.pretraining.coordinate_modulation import COORDINATE_CHANNELS, coordinate_channel_problem
 
 INTENSITY_TRANSFORMS = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform,
                         ContrastTransform, SimulateLowResolutionTransform, GammaTransform)

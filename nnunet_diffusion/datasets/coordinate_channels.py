@@ -9,7 +9,7 @@ Sources:
 - `BPRCoordinates`: a trained Body Part Regressor (an `nnUNetTrainerBPR` checkpoint). Each case is preprocessed
   with the BPR's own plans (nnU-Net's `DefaultPreprocessor`, as its predictor does), every whole slice along each
   axis is scored, and the case's coordinate along that axis is the Theil–Sen line through the scores
-  (`bpr.coordinates`), evaluated at every raw voxel's position. One line per case and axis: no patch or tile
+  (`bpr.body_coordinates`), evaluated at every raw voxel's position. One line per case and axis: no patch or tile
   offsets.
 - `GeometryCoordinates`: the image geometry (origin, spacing, direction): the voxel's physical position along
   each array axis. For the phantom, whose origin is the true torso position, these are the true coordinates
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_diffusion.bpr.coordinates import axis_maps
-from nnunet_diffusion.pretraining.coordinate_conditioning import (COORDINATE_CHANNEL_NAME, COORDINATE_CHANNELS,
-                                                                  COORDINATES_KEY)
+from nnunet_diffusion.bpr.body_coordinates import axis_maps
+from nnunet_diffusion.pretraining.coordinate_modulation import (COORDINATE_CHANNEL_NAME, COORDINATE_CHANNELS,
+                                                                COORDINATES_KEY)
 from nnunet_diffusion.datasets.staging import (add_raw_root_argument, check_dataset_name, raw_root_argument,
                                                staged_dataset)
 
@@ -60,16 +60,16 @@ class BPRCoordinates:
     name = "bpr"
 
     def __init__(self, checkpoint: Path):
-        import torch
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         from nnunet_diffusion.bpr.model import load_bpr_from_nnunet_checkpoint
+        from nnunet_diffusion.checkpoints import load_checkpoint
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint} is not a file; name the checkpoint_final.pth of an "
                                     f"nnUNetTrainerBPR training")
         self.model = load_bpr_from_nnunet_checkpoint(self.checkpoint)
-        init_args = torch.load(self.checkpoint, map_location="cpu", weights_only=False)["init_args"]
+        init_args = load_checkpoint(self.checkpoint, map_location="cpu")["init_args"]
         self.plans_manager = PlansManager(init_args["plans"])
         self.configuration_manager = self.plans_manager.get_configuration(init_args["configuration"])
         self.dataset_json = init_args["dataset_json"]
@@ -80,7 +80,7 @@ class BPRCoordinates:
     def __call__(self, image_files: Sequence[Path]) -> np.ndarray:
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
-        from nnunet_diffusion.bpr.coordinates import case_lines
+        from nnunet_diffusion.bpr.body_coordinates import case_lines
         data, _, properties = DefaultPreprocessor(verbose=False).run_case(
             [str(image_files[0])], None, self.plans_manager, self.configuration_manager, self.dataset_json)
         transpose = list(self.plans_manager.transpose_forward)

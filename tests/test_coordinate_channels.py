@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_diffusion.bpr.coordinates import AxisLine, fit_axis_line, pooled_r2
+from nnunet_diffusion.bpr.body_coordinates import AxisLine, fit_axis_line, pooled_r2
 from nnunet_diffusion.cli import main as cli_main
-from nnunet_diffusion.datasets.coordinates import (COORDINATES_KEY, BPRCoordinates, GeometryCoordinates,
-                                                   add_coordinates_to_dataset)
+from nnunet_diffusion.datasets.coordinate_channels import (COORDINATES_KEY, BPRCoordinates, GeometryCoordinates,
+                                                           add_coordinates_to_dataset)
 from nnunet_diffusion.datasets.phantom import generate_phantom_dataset
 from nnunet_runs import run
 

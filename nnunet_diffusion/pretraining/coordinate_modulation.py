@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from nnunet_diffusion.core.network import FiLMNorm, norm_channels
+from nnunet_diffusion.core.time_conditioning import FiLMNorm, norm_channels
 
 COORDINATE_CHANNELS = 3  # the last three image channels of a dataset written by `nnunet-diffusion add-coordinates`
 COORDINATES_KEY = "coordinate_channels"  # its dataset.json entry
@@ -71,7 +71,7 @@ class CoordinateNorm(nn.Module):
         return self.norm(x) * (1 + scale) + shift
 
 
-def add_coordinate_conditioning(network: nn.Module, context: CoordinateContext, init_std: float) -> int:
+def add_coordinate_modulation(network: nn.Module, context: CoordinateContext, init_std: float) -> int:
     """Wrap every normalisation layer (plain or FiLM-wrapped) of `network` in CoordinateNorm, in place; returns
     how many were wrapped."""
     wrappers: dict[int, CoordinateNorm] = {}  # a norm can have two parents (e.g. `.norm` and `.all_modules[i]`)

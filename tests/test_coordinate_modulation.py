@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunet_diffusion.core.network import FiLMNorm, TimeContext, add_time_conditioning, conditioned_on
-from nnunet_diffusion.pretraining.coordinate_conditioning import (CoordinateContext, CoordinateNorm,
-                                                                  add_coordinate_conditioning,
-                                                                  conditioned_on_coordinates)
+from nnunet_diffusion.core.time_conditioning import FiLMNorm, TimeContext, add_time_conditioning, conditioned_on
+from nnunet_diffusion.pretraining.coordinate_modulation import (CoordinateContext, CoordinateNorm,
+                                                                add_coordinate_modulation,
+                                                                conditioned_on_coordinates)
 
 SHIFT = 1.0  # 100 mm: the case lies 10 cm higher
 INIT_STD = 0.1
@@ -41,7 +41,7 @@ def _relative(a, b) -> float:
 
 def _conditioned(seed: int = 0):
     unet, context = _unet(seed), CoordinateContext()
-    wrapped = add_coordinate_conditioning(unet, context, INIT_STD)
+    wrapped = add_coordinate_modulation(unet, context, INIT_STD)
     assert wrapped == sum(isinstance(m, torch.nn.InstanceNorm3d) for m in _unet().modules())
     return unet, context
 
@@ -83,7 +83,7 @@ def test_time_film_and_coordinate_modulation_stack():
     unet, time_context = _unet(), TimeContext()
     add_time_conditioning(unet, 16, time_context)
     context = CoordinateContext()
-    add_coordinate_conditioning(unet, context, INIT_STD)
+    add_coordinate_modulation(unet, context, INIT_STD)
     norms = [m for m in unet.modules() if isinstance(m, CoordinateNorm)]
     assert norms and all(isinstance(m.norm, FiLMNorm) for m in norms)
     image = torch.randn(2, 1, 8, 16, 16)

@@ -1,0 +1,81 @@
+"""The arguments `crossval` and `ablate` share (what to compare, how to train and predict, where the jobs run)
+and the comparison they describe."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nnunet_diffusion.evaluation.comparison import Comparison
+from nnunet_diffusion.evaluation.options import (ExecutionOptions, add_execution_arguments, add_sampling_arguments,
+                                                 execution_from_args, options_from_args)
+from nnunet_diffusion.evaluation.study import Study
+from nnunet_diffusion.utils import TrainingBudget
+
+
+def _trainer_epochs(text: str) -> tuple[str, int]:
+    trainer, _, epochs = text.partition("=")
+    if not trainer or not epochs.isdigit() or int(epochs) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TRAINER=EPOCHS with EPOCHS ≥ 1, e.g. "
+                                         f"nnUNetTrainerDiffRecycleFinetune=5")
+    return trainer, int(epochs)
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, folds: list[int], seeds: tuple[int, ...]) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name, as for nnUNetv2_train")
+    parser.add_argument("-c", "--configuration", required=True, help="e.g. 3d_fullres, or 3d_cpu of a preset")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans")
+    parser.add_argument("-tr", "--trainers", nargs="+", required=True, help="trainer classes to compare")
+    parser.add_argument("--baseline", default="nnUNetTrainer", help="non-diffusion trainer, trained on every "
+                        "fold and ensembled with each diffusion trainer (default: nnUNetTrainer)")
+    parser.add_argument("-f", "--folds", nargs="+", type=int, default=folds)
+    parser.add_argument("--repeats", type=int, default=1, help="training runs per unit (default 1)")
+    parser.add_argument("--repeat-trainers", nargs="+", default=[], help="trainers of the further runs "
+                        "(default: all)")
+    parser.add_argument("--repeat-folds", nargs="+", type=int, default=[], help="folds of the further runs "
+                        "(default: all)")
+    parser.add_argument("--epochs", type=int, help="training budget: epochs (default: each trainer's own)")
+    parser.add_argument("--trainer-epochs", nargs="+", default=[], metavar="TRAINER=EPOCHS", type=_trainer_epochs,
+                        help="epochs of these trainers instead of --epochs, iterations as the budget's (e.g. "
+                        "fine-tuning at a fraction of the from-scratch budget)")
+    parser.add_argument("--iterations", type=int, default=250, help="iterations per epoch with --epochs (250)")
+    parser.add_argument("--val-iterations", type=int, default=50, help="validation batches per epoch with "
+                        "--epochs (50)")
+    parser.add_argument("--results-root", type=Path, help="nnUNet_results of the first training run (default: "
+                        "<output>/results); further runs go to <results-root>/crossval_repeat_<r>")
+    parser.add_argument("--postprocessing", action="store_true", help="also score every final prediction after "
+                        "nnU-Net's postprocessing (largest connected component where it helps), decided per fold")
+    parser.add_argument("--margin", type=float, default=0.005, help="equivalence margin in Dice for the verdicts: "
+                        "inside ±margin is on par (default 0.005)")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    add_sampling_arguments(parser, samplers=("ddim", "ddpm"), seeds=seeds, device="cpu")
+    add_execution_arguments(parser)
+
+
+def comparison_from_args(args: argparse.Namespace, default_results: Path | None, test_images: Path | None = None,
+                         test_labels: Path | None = None, num_folds: int = 5, group_pattern: str | None = None
+                         ) -> tuple[Comparison, ExecutionOptions]:
+    """The comparison the arguments describe; trainer names are resolved (and the baseline checked) first."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_diffusion.trainer_lookup import diffusion_trainers
+    if not nnUNet_raw or not nnUNet_preprocessed:
+        raise ValueError("nnUNet_raw and nnUNet_preprocessed must be set, as for nnUNetv2_train")
+    try:
+        dataset = maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
+    execution = execution_from_args(args)
+    args.folds = [str(f) for f in args.folds]
+    budget = None if args.epochs is None else TrainingBudget(args.epochs, args.iterations, args.val_iterations)
+    trainers = tuple(dict.fromkeys(args.trainers))
+    output = args.output.resolve()
+    results = args.results_root or default_results or output / "results"
+    study = Study(dataset, args.configuration, args.plans, trainers, args.baseline, tuple(int(f) for f in args.folds),
+                  output, Path(results).resolve(), options_from_args(args, save_probabilities=True), budget,
+                  args.repeats, tuple(args.repeat_trainers), tuple(args.repeat_folds), num_folds, group_pattern,
+                  diffusion_trainers(trainers, args.baseline), tuple(args.trainer_epochs), args.postprocessing,
+                  args.margin, test_images is not None)
+    return Comparison(study, Path(nnUNet_raw) / dataset, Path(nnUNet_preprocessed) / dataset,
+                      None if test_images is None else test_images.resolve(),
+                      None if test_labels is None else test_labels.resolve()), execution

@@ -1,0 +1,214 @@
+"""The units of a comparison as jobs: a training job per unit that needs one, a scoring job (held-out prediction)
+that starts when its training has finished, and the finishing step (ensembles, postprocessing, report) once the
+scores exist. `local` runs them on this machine, `--jobs` at once, waiting for them; `slurm` submits them
+with dependencies and returns (a last job writes the report). Either can be left and re-run at any time: a
+job still queued or running is never submitted twice, and `--dry-run` shows each unit's state and the cost of
+what a run would submit."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_diffusion.evaluation.comparison import (ARCHIVED, SCORED, TO_PREDICT, TO_RESUME, TO_TRAIN, Comparison,
+                                                    Prepared, finish, job_environment)
+from nnunet_diffusion.evaluation.jobs import JobRecord, TrainingJob, read_job, submit
+from nnunet_diffusion.evaluation.options import ExecutionOptions
+from nnunet_diffusion.evaluation.study import Unit
+from nnunet_diffusion.evaluation.unit_scoring import ComparisonError
+from nnunet_diffusion.training import progress
+from nnunet_diffusion.utils import markdown_table
+
+TRAIN, SCORE, FINISH = "train", "score", "finish"
+POLL_SECONDS = 5.0
+MAX_ATTEMPTS = 3  # a job that dies this often without a result is a failure, not an interruption
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """The held-out prediction and scoring of one trained unit."""
+    comparison: Comparison
+    unit: Unit
+
+    def __call__(self) -> None:
+        self.comparison.prepare().score(self.unit)
+
+    def checkpoint(self):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self)
+
+
+@dataclass(frozen=True)
+class FinishingJob:
+    """Ensembles, postprocessing and the report, after the scoring jobs."""
+    comparison: Comparison
+
+    def __call__(self) -> None:
+        finish(self.comparison.prepare())
+
+
+def _jobs_folder(prepared: Prepared, unit: Unit | None) -> Path:
+    study = prepared.study
+    return (study.output if unit is None else study.unit_output(unit)) / "jobs"
+
+
+def alive_job(prepared: Prepared, unit: Unit | None, kind: str) -> JobRecord | None:
+    record = read_job(_jobs_folder(prepared, unit), kind)
+    return record if record is not None and record.alive() else None
+
+
+def _submit_unit(prepared: Prepared, options: ExecutionOptions, unit: Unit, kind: str, gpu: int | None = None,
+                 after: str | None = None) -> JobRecord:
+    study = prepared.study
+    job = TrainingJob(study.training_run(unit, options.save_every)) if kind == TRAIN else \
+        ScoringJob(prepared.comparison, unit)
+    record = submit(options, _jobs_folder(prepared, unit), kind, job, f"{kind}_{unit.trainer}_r{unit.repeat}_f"
+                    f"{unit.fold}", job_environment(study, unit), gpu, None if after is None else f"afterok:{after}")
+    print(f"submitted {kind} {unit}: {options.executor} job {record.job_id}"
+          + (f" on GPU {gpu}" if gpu is not None else "") + (f" after job {after}" if after else ""), flush=True)
+    return record
+
+
+def _failed(record: JobRecord, unit: Unit, kind: str) -> None:
+    outcome = record.outcome()
+    if outcome is not None and outcome[0] != "success":
+        raise ComparisonError(f"the {kind} job of {unit} failed; see {record.log}:\n{outcome[1][-2000:]}")
+
+
+def run_local(prepared: Prepared, options: ExecutionOptions) -> dict:
+    """Up to `options.jobs` jobs at once on this machine, each on its own GPU when `options.gpus` names them;
+    trainings before the scoring that needs them; returns when every unit is scored, then finishes."""
+    ours: dict[tuple[Unit, str], JobRecord] = {}
+    attempts: dict[tuple[Unit, str], int] = {}
+    while True:
+        busy = {(unit, kind): record for unit in prepared.study.units() for kind in (TRAIN, SCORE)
+                if (record := alive_job(prepared, unit, kind)) is not None}
+        for key, record in ours.items():
+            if key not in busy:
+                _failed(record, *key)
+        free_gpus = [g for g in options.gpus if g not in {r.gpu for r in busy.values()}]
+        slots = options.jobs - len(busy)
+        waiting = False
+        for unit in prepared.study.units():
+            status = prepared.status(unit)
+            kind = {TO_TRAIN: TRAIN, TO_RESUME: TRAIN, TO_PREDICT: SCORE}.get(status)
+            if kind is None or (unit, TRAIN) in busy or (unit, SCORE) in busy:
+                waiting = waiting or (unit, TRAIN) in busy or (unit, SCORE) in busy
+                continue
+            waiting = True
+            if slots <= 0:
+                continue
+            attempts[unit, kind] = attempts.get((unit, kind), 0) + 1
+            if attempts[unit, kind] > MAX_ATTEMPTS:
+                raise ComparisonError(f"the {kind} job of {unit} ended {MAX_ATTEMPTS} times without finishing; see "
+                                      f"{_jobs_folder(prepared, unit)}")
+            gpu = free_gpus.pop(0) if options.gpus else None
+            ours[unit, kind] = busy[unit, kind] = _submit_unit(prepared, options, unit, kind, gpu)
+            slots -= 1
+        if not waiting:
+            return finish(prepared)
+        time.sleep(POLL_SECONDS)
+
+
+def submit_slurm(prepared: Prepared, options: ExecutionOptions) -> list[JobRecord]:
+    """Submit what is neither finished nor queued or running: trainings, scorings after their trainings, and
+    (unless this command waits and finishes itself) a finishing job after every scoring; returns the jobs
+    submitted."""
+    submitted, scoring = [], []
+    for unit in prepared.study.units():
+        status = prepared.status(unit)
+        if status in (SCORED, ARCHIVED):
+            continue
+        training = alive_job(prepared, unit, TRAIN)
+        if training is None and status in (TO_TRAIN, TO_RESUME):
+            training = _submit_unit(prepared, options, unit, TRAIN)
+            submitted.append(training)
+        score = alive_job(prepared, unit, SCORE)
+        if score is None:
+            score = _submit_unit(prepared, options, unit, SCORE, after=training.job_id if training else None)
+            submitted.append(score)
+        scoring.append(score.job_id)
+    if not options.wait and (submitted or (scoring and alive_job(prepared, None, FINISH) is None)):
+        finishing = submit(options, _jobs_folder(prepared, None), FINISH, FinishingJob(prepared.comparison),
+                           "finish_report", {}, dependency=f"afterany:{':'.join(scoring)}" if scoring else None)
+        submitted.append(finishing)
+        print(f"submitted the report: slurm job {finishing.job_id}", flush=True)
+    return submitted
+
+
+def wait_for_slurm(prepared: Prepared) -> dict:
+    """Wait until no job of the comparison is queued or running, then finish here."""
+    while any(alive_job(prepared, unit, kind) for unit in prepared.study.units() for kind in (TRAIN, SCORE)):
+        time.sleep(POLL_SECONDS)
+    return finish(prepared)
+
+
+def _epochs(prepared: Prepared, unit: Unit) -> int:
+    from nnunet_diffusion.trainer_lookup import trainer_class
+    budget = prepared.study.budget_of(unit.trainer)
+    return budget.epochs if budget is not None else getattr(trainer_class(unit.trainer), "training_epochs", None) \
+        or 1000
+
+
+def unit_states(prepared: Prepared, options: ExecutionOptions) -> tuple[list[list[str]], float | None, int]:
+    """One row per unit (state, progress, the job a run would submit) and the GPU-hours and number of the jobs
+    that a run would submit, at the epoch time logged by the study's trainings of each trainer (else stated)."""
+    study = prepared.study
+    measured = {}
+    for unit in study.units():
+        measured.setdefault(unit.trainer, []).extend(progress(study.fold_folder(unit))[1])
+    rows, hours, jobs = [], 0.0, 0
+    for unit in study.units():
+        status, epochs = prepared.status(unit), _epochs(prepared, unit)
+        epoch, _ = progress(study.fold_folder(unit))
+        seconds = float(np.mean(measured[unit.trainer])) if measured[unit.trainer] else options.epoch_seconds
+        remaining = max(epochs - max(epoch, 0), 0) if status in (TO_TRAIN, TO_RESUME) else 0
+        training, scoring = alive_job(prepared, unit, TRAIN), alive_job(prepared, unit, SCORE)
+        if training is not None:
+            state = f"training (job {training.job_id}) at epoch {epoch + 1} of {epochs}"
+        elif scoring is not None:
+            state = f"predicting (job {scoring.job_id})"
+        else:
+            state = status + (f" (stopped in epoch {epoch + 1} of {epochs})" if status == TO_RESUME else "")
+        left = "" if not remaining or seconds is None else f"{remaining * seconds / 3600:.1f}"
+        would = [] if status in (SCORED, ARCHIVED) else \
+            ([TRAIN] if training is None and status in (TO_TRAIN, TO_RESUME) else []) + \
+            ([SCORE] if scoring is None else [])
+        jobs += len(would)
+        if training is None and remaining:
+            hours = None if seconds is None or hours is None else hours + remaining * seconds / 3600
+        rows.append([str(unit), state, f"{seconds:.0f}" if seconds else "", left, " + ".join(would) or "-"])
+    return rows, hours, jobs
+
+
+def print_dry_run(prepared: Prepared, options: ExecutionOptions) -> None:
+    rows, hours, jobs = unit_states(prepared, options)
+    print(markdown_table(["unit", "state", "epoch (s)", "training GPU-hours left", "would submit"], rows))
+    where = {"inline": "one after another here", "local": f"{options.jobs} at once on this machine",
+             "slurm": "on Slurm"}[options.executor]
+    cost = "unknown (give --epoch-seconds)" if hours is None else f"{hours:.1f} GPU-hours of training"
+    print(f"\n{jobs} job(s) to run {where}: {cost}"
+          + (f", about {hours / options.jobs:.1f} hours of wall clock at {options.jobs} trainings at once"
+             if hours and options.executor != "inline" else ""))
+
+
+def run_comparison(comparison: Comparison, options: ExecutionOptions) -> dict:
+    """What `crossval` and `ablate` do with their options: show the state, rewrite the report, or run."""
+    prepared = comparison.prepare()
+    if options.dry_run:
+        print_dry_run(prepared, options)
+        return {}
+    if options.report_only:
+        return finish(prepared)
+    if options.executor == "inline":
+        from nnunet_diffusion.evaluation.comparison import run_inline
+        return run_inline(prepared, options.save_every)
+    if options.executor == "local":
+        return run_local(prepared, options)
+    submitted = submit_slurm(prepared, options)
+    if options.wait:
+        return wait_for_slurm(prepared)
+    print(f"{len(submitted)} job(s) submitted; re-run the command (add --dry-run) to see their state")
+    return {}
