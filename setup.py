@@ -1,5 +1,5 @@
 """nnunet-diffusion: diffusion segmentation and diffusion pretraining as nnU-Net v2 trainers."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="nnunet-diffusion",
@@ -8,19 +8,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "nnunet_diffusion",
-        "nnunet_diffusion.core",
-        "nnunet_diffusion.trainers",
-        "nnunet_diffusion.datasets",
-        "nnunet_diffusion.evaluation",
-        "nnunet_diffusion.bpr",
-        "nnunet_diffusion.pretraining",
-        # The plans presets (JSON), read by `nnunet-diffusion plans`.
-        "nnunet_diffusion.presets",
-        # The folder nnU-Net's `nnUNet_extTrainer` points at: one-line shims only (see docs/install.md).
-        "nnunet_diffusion_ext",
-    ],
+    # The library's packages (evaluation.commands and the rest below it) and the folder nnU-Net's
+    # `nnUNet_extTrainer` points at: one-line shims only (see docs/install.md).
+    packages=find_packages(include=["nnunet_diffusion", "nnunet_diffusion.*", "nnunet_diffusion_ext"]),
     package_data={"nnunet_diffusion.presets": ["*.json"]},
     install_requires=[
         "nnunetv2>=2.8,<2.9",

@@ -87,7 +87,8 @@ def read_job(folder: Path, kind: str) -> JobRecord | None:
     return JobRecord(**json.loads(file.read_text())) if file.is_file() else None
 
 
-def _executor(options: ExecutionOptions, folder: Path, name: str, gpu: int | None, dependency: str | None):
+def _executor(options: ExecutionOptions, folder: Path, name: str, gpu: int | None, dependency: str | None,
+              uses_gpu: bool):
     import submitit
     if options.executor == "local":
         executor = submitit.LocalExecutor(folder=folder)
@@ -98,19 +99,20 @@ def _executor(options: ExecutionOptions, folder: Path, name: str, gpu: int | Non
     additional = {"kill-on-invalid-dep": "yes", **dict(options.slurm_params)}
     if dependency is not None:
         additional["dependency"] = dependency
-    executor.update_parameters(job_name=name, time=options.slurm_time_minutes, gpus_per_node=options.slurm_gpus or None,
+    executor.update_parameters(job_name=name, time=options.slurm_time_minutes,
+                               gpus_per_node=(options.slurm_gpus or None) if uses_gpu else None,
                                partition=options.slurm_partition, mem=options.slurm_mem,
                                cpus_per_task=options.slurm_cpus, additional_parameters=additional)
     return executor
 
 
 def submit(options: ExecutionOptions, folder: Path, kind: str, job: Callable, name: str, env: dict[str, str],
-           gpu: int | None = None, dependency: str | None = None) -> JobRecord:
+           gpu: int | None = None, dependency: str | None = None, uses_gpu: bool = True) -> JobRecord:
     """Submit `job` with `env` added to this process's environment (what the job's process starts with), on Slurm
     with a `dependency` such as afterok:123; record it in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     with environment(**env):
-        submitted = _executor(options, folder, name, gpu, dependency).submit(job)
+        submitted = _executor(options, folder, name, gpu, dependency, uses_gpu).submit(job)
     record = JobRecord(kind, options.executor, str(submitted.job_id), str(folder), gpu, time.time())
     partial = record_file(folder, kind).with_suffix(".partial")
     partial.write_text(json.dumps(record.__dict__))

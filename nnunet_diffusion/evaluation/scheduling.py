@@ -71,6 +71,20 @@ def _submit_unit(prepared: Prepared, options: ExecutionOptions, unit: Unit, kind
     return record
 
 
+def starts_from(prepared: Prepared, unit: Unit) -> Unit | None:
+    """The unit whose finished model a trainer starts from (the fine-tuning trainers' `source_trainer`, e.g. the
+    fold's nnUNetTrainer), when the study trains it: its training must end before this one begins."""
+    from nnunet_diffusion.trainer_lookup import trainer_class
+    source = getattr(trainer_class(unit.trainer), "source_trainer", None)
+    units = prepared.study.units()
+    return next((u for u in (Unit(source, unit.repeat, unit.fold), Unit(source, 0, unit.fold)) if u in units), None)
+
+
+def _source_trained(prepared: Prepared, unit: Unit) -> bool:
+    source = starts_from(prepared, unit)
+    return source is None or prepared.status(source) not in (TO_TRAIN, TO_RESUME)
+
+
 def _failed(record: JobRecord, unit: Unit, kind: str) -> None:
     outcome = record.outcome()
     if outcome is not None and outcome[0] != "success":
@@ -98,7 +112,7 @@ def run_local(prepared: Prepared, options: ExecutionOptions) -> dict:
                 waiting = waiting or (unit, TRAIN) in busy or (unit, SCORE) in busy
                 continue
             waiting = True
-            if slots <= 0:
+            if slots <= 0 or (kind == TRAIN and not _source_trained(prepared, unit)):
                 continue
             attempts[unit, kind] = attempts.get((unit, kind), 0) + 1
             if attempts[unit, kind] > MAX_ATTEMPTS:
@@ -113,18 +127,21 @@ def run_local(prepared: Prepared, options: ExecutionOptions) -> dict:
 
 
 def submit_slurm(prepared: Prepared, options: ExecutionOptions) -> list[JobRecord]:
-    """Submit what is neither finished nor queued or running: trainings, scorings after their trainings, and
-    (unless this command waits and finishes itself) a finishing job after every scoring; returns the jobs
-    submitted."""
-    submitted, scoring = [], []
+    """Submit what is neither finished nor queued or running: trainings (after the training a fine-tuning
+    trainer starts from), scorings after their trainings, and (unless this command waits and finishes itself) a
+    finishing job after every scoring; returns the jobs submitted."""
+    submitted, scoring, trainings = [], [], {}
     for unit in prepared.study.units():
         status = prepared.status(unit)
         if status in (SCORED, ARCHIVED):
             continue
         training = alive_job(prepared, unit, TRAIN)
         if training is None and status in (TO_TRAIN, TO_RESUME):
-            training = _submit_unit(prepared, options, unit, TRAIN)
+            source = trainings.get(starts_from(prepared, unit))
+            training = _submit_unit(prepared, options, unit, TRAIN, after=source.job_id if source else None)
             submitted.append(training)
+        if training is not None:
+            trainings[unit] = training
         score = alive_job(prepared, unit, SCORE)
         if score is None:
             score = _submit_unit(prepared, options, unit, SCORE, after=training.job_id if training else None)
@@ -132,15 +149,20 @@ def submit_slurm(prepared: Prepared, options: ExecutionOptions) -> list[JobRecor
         scoring.append(score.job_id)
     if not options.wait and (submitted or (scoring and alive_job(prepared, None, FINISH) is None)):
         finishing = submit(options, _jobs_folder(prepared, None), FINISH, FinishingJob(prepared.comparison),
-                           "finish_report", {}, dependency=f"afterany:{':'.join(scoring)}" if scoring else None)
+                           "finish_report", {}, dependency=f"afterany:{':'.join(scoring)}" if scoring else None,
+                           uses_gpu=False)
         submitted.append(finishing)
         print(f"submitted the report: slurm job {finishing.job_id}", flush=True)
     return submitted
 
 
+def jobs_alive(prepared: Prepared) -> bool:
+    return any(alive_job(prepared, unit, kind) for unit in prepared.study.units() for kind in (TRAIN, SCORE))
+
+
 def wait_for_slurm(prepared: Prepared) -> dict:
     """Wait until no job of the comparison is queued or running, then finish here."""
-    while any(alive_job(prepared, unit, kind) for unit in prepared.study.units() for kind in (TRAIN, SCORE)):
+    while jobs_alive(prepared):
         time.sleep(POLL_SECONDS)
     return finish(prepared)
 
@@ -208,7 +230,7 @@ def run_comparison(comparison: Comparison, options: ExecutionOptions) -> dict:
     if options.executor == "local":
         return run_local(prepared, options)
     submitted = submit_slurm(prepared, options)
-    if options.wait:
+    if options.wait or not (submitted or jobs_alive(prepared)):  # with nothing left to run, report here
         return wait_for_slurm(prepared)
     print(f"{len(submitted)} job(s) submitted; re-run the command (add --dry-run) to see their state")
     return {}

@@ -41,13 +41,14 @@ def add_study_arguments(parser: argparse.ArgumentParser, folds: list[int], seeds
     parser.add_argument("--val-iterations", type=int, default=50, help="validation batches per epoch with "
                         "--epochs (50)")
     parser.add_argument("--results-root", type=Path, help="nnUNet_results of the first training run (default: "
-                        "<output>/results); further runs go to <results-root>/crossval_repeat_<r>")
+                        "crossval <output>/results, ablate $nnUNet_results); further runs go to "
+                        "<results-root>/crossval_repeat_<r>")
     parser.add_argument("--postprocessing", action="store_true", help="also score every final prediction after "
                         "nnU-Net's postprocessing (largest connected component where it helps), decided per fold")
     parser.add_argument("--margin", type=float, default=0.005, help="equivalence margin in Dice for the verdicts: "
                         "inside ±margin is on par (default 0.005)")
     parser.add_argument("-o", "--output", type=Path, required=True)
-    add_sampling_arguments(parser, samplers=("ddim", "ddpm"), seeds=seeds, device="cpu")
+    add_sampling_arguments(parser, samplers=("ddim", "ddpm"), seeds=seeds)
     add_execution_arguments(parser)
 
 
