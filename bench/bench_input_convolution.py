@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchutil import markdown_table, paired_ratio, result_row
+from benchutil import benchmark_table, paired_ratio, result_row
 
 
 def convolution_step(channels: int, size: int, features: int, batch: int):
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"- torch {torch.__version__}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, forward + "
           f"weight gradient of the convolution; ratio: median [95 % bootstrap interval]")
     print()
-    print(markdown_table(rows))
+    print(benchmark_table(rows))
 
 
 if __name__ == "__main__":

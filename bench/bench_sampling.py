@@ -25,7 +25,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, markdown_table, quiet,
+from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, benchmark_table, quiet,
                        result_row, timed, workspace)
 from nnunet_diffusion.checkpoints import load_checkpoint
 from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
@@ -216,7 +216,7 @@ def main() -> None:
         result = sampling_benchmark_from_args(space, device, args)
         print("\n".join(environment_lines(device, space) + sampling_notes(result)))
     print()
-    print(markdown_table(sampling_rows(result)))
+    print(benchmark_table(sampling_rows(result)))
 
 
 if __name__ == "__main__":

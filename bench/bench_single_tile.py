@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from benchutil import markdown_table, paired_ratio, result_row
+from benchutil import benchmark_table, paired_ratio, result_row
 from nnunet_diffusion.core import diffusion_network as network_module
 from nnunet_diffusion.core.masks import MaskCodec
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
@@ -69,7 +69,7 @@ def main() -> None:
     print(f"- torch {torch.__version__}; {args.rounds} paired rounds after {args.warmup} warm-up rounds, one "
           f"no-grad denoiser forward; ratio: median [95 % bootstrap interval]")
     print()
-    print(markdown_table(rows))
+    print(benchmark_table(rows))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from nnunetv2.run.run_training import get_trainer_from_args
 from torch._dynamo import OptimizedModule
 
-from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, markdown_table,
+from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, benchmark_table,
                        paired_ratio, quiet, result_row, synchronize, timed, workspace)
 from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS
 from nnunet_diffusion.trainers.training_length import SHORT_SCHEDULE_TRAINERS
@@ -242,7 +242,7 @@ def main() -> None:
         result = training_benchmark_from_args(space, device, args)
         print("\n".join(environment_lines(device, space) + training_notes(result)))
     print()
-    print(markdown_table(training_rows(result)))
+    print(benchmark_table(training_rows(result)))
 
 
 if __name__ == "__main__":

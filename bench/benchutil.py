@@ -212,5 +212,6 @@ def result_row(benchmark: str, compared: str, ratio: str, measured: str, target:
     return [benchmark, compared, ratio, f"<= {target:.2f}", met, measured]
 
 
-def markdown_table(rows: list[list[str]]) -> str:
+def benchmark_table(rows: list[list[str]]) -> str:
+    """The ratio table every benchmark prints (TABLE_HEADER columns)."""
     return utils.markdown_table(TABLE_HEADER, rows)

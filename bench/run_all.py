@@ -11,7 +11,7 @@ import argparse
 
 from bench_sampling import add_sampling_arguments, sampling_benchmark_from_args, sampling_notes, sampling_rows
 from bench_training import add_training_arguments, training_benchmark_from_args, training_notes, training_rows
-from benchutil import add_common_arguments, configure_device, environment_lines, markdown_table, workspace
+from benchutil import add_common_arguments, configure_device, environment_lines, benchmark_table, workspace
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
         header = environment_lines(device, space) + training_notes(training) + sampling_notes(sampling)
     print("\n".join(["## nnunet-diffusion benchmark (ratios measured side by side in one run)", ""] + header))
     print()
-    print(markdown_table(training_rows(training) + sampling_rows(sampling)))
+    print(benchmark_table(training_rows(training) + sampling_rows(sampling)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_diffusion.evaluation.report import markdown_table, plot_metric_vs_step, write_csv, write_json
+from nnunet_diffusion.evaluation.report import plot_metric_vs_step, records_table, write_csv, write_json
 from nnunet_diffusion.evaluation.seeds import seed_spread
 
 ROWS = [
@@ -45,8 +45,8 @@ def test_json_rejects_unknown_objects(tmp_path: Path):
         write_json({"x": {1, 2}}, tmp_path / "r.json")
 
 
-def test_markdown_table_text():
-    table = markdown_table(ROWS + [{"trainer": "a|b"}], ["trainer", "Dice", "HD95"])
+def test_records_table_text():
+    table = records_table(ROWS + [{"trainer": "a|b"}], ["trainer", "Dice", "HD95"])
     assert table == ("| trainer | Dice | HD95 |\n"
                      "|---|---|---|\n"
                      "| Recycling | 0.8123 |  |\n"

@@ -17,7 +17,7 @@ from nnunet_diffusion.evaluation.metrics import evaluate_case, evaluation_target
 from nnunet_diffusion.evaluation.options import EvaluationOptions
 from nnunet_diffusion.evaluation.model_folders import (Case, ModelFolder, check_reference_geometry, check_same_task,
                                                        find_cases, read_model_folder)
-from nnunet_diffusion.evaluation.report import (markdown_table, plot_dice_vs_time, plot_metric_vs_step, write_csv,
+from nnunet_diffusion.evaluation.report import (plot_dice_vs_time, records_table, plot_metric_vs_step, write_csv,
                                                 write_json)
 from nnunet_diffusion.evaluation.step_prediction import (StepPredictor, diffusion_network, export, load_predictor,
                                                         predict_steps, preprocess)
@@ -290,7 +290,7 @@ def results_markdown(results: dict) -> str:
     text = (f"# Evaluation of {len(results['models'])} model(s) on {len(results['cases'])} case(s)\n\n"
             f"Images `{results['images']}`, reference `{results['reference']}`; means over cases and seeds "
             f"(seeds {', '.join(map(str, results['options']['seeds']))}). HD95 in mm.\n\n"
-            f"## Final step\n\n" + markdown_table(final, columns))
+            f"## Final step\n\n" + records_table(final, columns))
     diffusion = [r for r in summary if r["sampler"] != NO_SAMPLER]
     if diffusion:
         for title, column in (("Dice per sampling step", "Dice"), ("Max ΔDice across seeds per step", SPREAD)):
@@ -298,10 +298,10 @@ def results_markdown(results: dict) -> str:
             if table:
                 text += f"\n## {title}\n\n" + table
     if results["early_exit"]:
-        text += "\n## Early exit\n\n" + markdown_table(results["early_exit"], list(results["early_exit"][0]))
+        text += "\n## Early exit\n\n" + records_table(results["early_exit"], list(results["early_exit"][0]))
     if results["per_k"]:
         text += ("\n## Dice and predict time per number of steps\n\nSeparate runs per K; seconds per case in "
-                 "this process (preprocessing excluded)\n\n" + markdown_table(results["per_k"],
+                 "this process (preprocessing excluded)\n\n" + records_table(results["per_k"],
                                                                               list(results["per_k"][0])))
     return text
 
@@ -315,7 +315,7 @@ def _per_step_table(rows: Sequence[dict], column: str) -> str:
     if not runs:
         return ""
     steps = max(r["steps"] for r in rows)
-    return markdown_table(list(runs.values()), ["model", "sampler", *map(str, range(1, steps + 1))])
+    return records_table(list(runs.values()), ["model", "sampler", *map(str, range(1, steps + 1))])
 
 
 def plot_steps(summary: Sequence[dict], output: Path) -> list[Path]:

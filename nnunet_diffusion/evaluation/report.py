@@ -36,10 +36,11 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """A GitHub Markdown table of `columns`; floats get 4 decimals, missing cells stay empty."""
+def records_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """`utils.markdown_table` of records (mappings): the named columns, floats with 4 decimals, missing cells
+    empty."""
     if not columns:
-        raise ValueError("markdown_table needs at least one column")
+        raise ValueError("records_table needs at least one column")
     return utils.markdown_table([_cell(c) for c in columns],
                                 [[_cell(row.get(c, "")) for c in columns] for row in rows]) + "\n"
 
