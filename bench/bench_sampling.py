@@ -25,8 +25,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, benchmark_table, quiet,
-                       result_row, timed, workspace)
+from benchutil import Workspace, benchmark_main, quiet, result_row, timed
 from nnunet_diffusion.checkpoints import load_checkpoint
 from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.sampling import SamplerSettings
@@ -207,16 +206,11 @@ def sampling_benchmark_from_args(space: Workspace, device: torch.device,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    add_sampling_arguments(parser)
-    args = parser.parse_args()
-    device = configure_device(args)
-    with workspace(args) as space:
+    def measure(space: Workspace, device: torch.device, args: argparse.Namespace) -> tuple[list[str], list[list[str]]]:
         result = sampling_benchmark_from_args(space, device, args)
-        print("\n".join(environment_lines(device, space) + sampling_notes(result)))
-    print()
-    print(benchmark_table(sampling_rows(result)))
+        return sampling_notes(result), sampling_rows(result)
+
+    benchmark_main(__doc__, [add_sampling_arguments], measure)
 
 
 if __name__ == "__main__":

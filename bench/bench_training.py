@@ -20,8 +20,7 @@ import torch
 from nnunetv2.run.run_training import get_trainer_from_args
 from torch._dynamo import OptimizedModule
 
-from benchutil import (Workspace, add_common_arguments, configure_device, environment_lines, benchmark_table,
-                       paired_ratio, quiet, result_row, synchronize, timed, workspace)
+from benchutil import Workspace, benchmark_main, paired_ratio, quiet, result_row, synchronize, timed
 from nnunet_diffusion.trainers.segmentation import SEGMENTATION_TRAINERS
 from nnunet_diffusion.trainers.training_length import SHORT_SCHEDULE_TRAINERS
 
@@ -233,16 +232,11 @@ def training_benchmark_from_args(space: Workspace, device: torch.device,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    add_training_arguments(parser)
-    args = parser.parse_args()
-    device = configure_device(args)
-    with workspace(args) as space:
+    def measure(space: Workspace, device: torch.device, args: argparse.Namespace) -> tuple[list[str], list[list[str]]]:
         result = training_benchmark_from_args(space, device, args)
-        print("\n".join(environment_lines(device, space) + training_notes(result)))
-    print()
-    print(benchmark_table(training_rows(result)))
+        return training_notes(result), training_rows(result)
+
+    benchmark_main(__doc__, [add_training_arguments], measure)
 
 
 if __name__ == "__main__":

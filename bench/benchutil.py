@@ -212,6 +212,25 @@ def result_row(benchmark: str, compared: str, ratio: str, measured: str, target:
     return [benchmark, compared, ratio, f"<= {target:.2f}", met, measured]
 
 
+def benchmark_main(description: str, add_arguments: list[Callable[[argparse.ArgumentParser], None]],
+                   measure: Callable[[Workspace, torch.device, argparse.Namespace], tuple[list[str], list[list[str]]]],
+                   title: str | None = None) -> None:
+    """The command line every benchmark shares: parse, choose the device, measure in a prepared workspace, then
+    print the environment, the benchmark's notes and its ratio table."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    for add in add_arguments:
+        add(parser)
+    args = parser.parse_args()
+    device = configure_device(args)
+    with workspace(args) as space:
+        notes, rows = measure(space, device, args)
+        header = environment_lines(device, space) + notes
+    print("\n".join(([title, ""] if title else []) + header))
+    print()
+    print(benchmark_table(rows))
+
+
 def benchmark_table(rows: list[list[str]]) -> str:
     """The ratio table every benchmark prints (TABLE_HEADER columns)."""
     return utils.markdown_table(TABLE_HEADER, rows)

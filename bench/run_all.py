@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from bench_sampling import add_sampling_arguments, sampling_benchmark_from_args, sampling_notes, sampling_rows
 from bench_training import add_training_arguments, training_benchmark_from_args, training_notes, training_rows
-from benchutil import add_common_arguments, configure_device, environment_lines, benchmark_table, workspace
+from benchutil import Workspace, benchmark_main
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    add_training_arguments(parser)
-    add_sampling_arguments(parser)
-    args = parser.parse_args()
-    device = configure_device(args)
-    with workspace(args) as space:
+    def measure(space: Workspace, device: torch.device, args: argparse.Namespace) -> tuple[list[str], list[list[str]]]:
         training = training_benchmark_from_args(space, device, args)
         sampling = sampling_benchmark_from_args(space, device, args)
-        header = environment_lines(device, space) + training_notes(training) + sampling_notes(sampling)
-    print("\n".join(["## nnunet-diffusion benchmark (ratios measured side by side in one run)", ""] + header))
-    print()
-    print(benchmark_table(training_rows(training) + sampling_rows(sampling)))
+        return training_notes(training) + sampling_notes(sampling), training_rows(training) + sampling_rows(sampling)
+
+    benchmark_main(__doc__, [add_training_arguments, add_sampling_arguments], measure,
+                   "## nnunet-diffusion benchmark (ratios measured side by side in one run)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def _per_fold_markdown(summary: dict) -> list[str]:
 def results_markdown(study: Study, summary: dict, splits: Sequence[dict], missing: Sequence[str] = ()) -> str:
     """results.md: the tables of `summary` with the settings that produced them."""
     budget = "each trainer's own epochs and iterations" if study.budget is None else \
-        f"{study.budget.epochs} epochs × {study.budget.iterations} iterations ({study.budget.val_iterations} validation " \
+        f"{study.budget.epochs} epochs × {study.budget.iterations} iterations " \
+        f"({study.budget.val_iterations} validation " \
         f"batches per epoch)" + "".join(f"; {t}: {e} epochs" for t, e in study.trainer_epochs)
     options = study.evaluation
     held_out = (f"every fold's model ({', '.join(map(str, study.folds))}) scored on the same test cases"
@@ -147,7 +148,8 @@ def plot_results(summary: dict, output: Path) -> list[Path]:
         steps = max(len(c) for c in curves.values())
         curves.update({f"{r['model']} (no diffusion)": [r["Dice"]] * steps for r in summary["table"]
                        if r["sampler"] == NO_SAMPLER and not r["model"].endswith(POSTPROCESSED)})
-        written.append(plot_metric_vs_step(curves, f"held-out Dice ({sampler})", output / f"dice_vs_step_{sampler}.png"))
+        written.append(plot_metric_vs_step(curves, f"held-out Dice ({sampler})",
+                                           output / f"dice_vs_step_{sampler}.png"))
     per_t = {c["trainer"]: c["loss_per_timestep"] for c in summary["curves"] if "loss_per_timestep" in c}
     if per_t:
         written.append(plot_metric_vs_step(per_t, "training x0 cross-entropy", output / "loss_per_timestep.png",

@@ -40,7 +40,7 @@ from nnunet_diffusion.bpr.training import BPRLossWeights, bpr_loss, sample_equid
 from nnunet_diffusion.bpr.whole_cases import WholeCases
 from nnunet_diffusion.trainer_support import unwrap
 from nnunet_diffusion.trainers.base import PluginTrainer
-from nnunet_diffusion.trainers.coordinate_inputs import _is_intensity
+from nnunet_diffusion.trainers.coordinate_inputs import is_intensity_transform
 from nnunet_diffusion.trainers.registry import trainers_defined_in
 from nnunet_diffusion.utils import nanmean
 
@@ -131,7 +131,7 @@ class nnUNetTrainerBPR(PluginTrainer):
         """nnU-Net's intensity augmentations only, with nnU-Net's parameters, taken from its own training transforms
         (the spatial ones would scramble the anatomical order); applied to whole cases, see WholeCases."""
         transforms = super().get_training_transforms(*args, **kwargs)
-        return ComposeTransforms([t for t in transforms.transforms if _is_intensity(t)])
+        return ComposeTransforms([t for t in transforms.transforms if is_intensity_transform(t)])
 
     @staticmethod
     def get_validation_transforms(

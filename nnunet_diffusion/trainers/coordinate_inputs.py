@@ -37,7 +37,7 @@ class ImageChannelsOnly(BasicTransform):
         return {**changed, "image": torch.cat([changed["image"], image[-COORDINATE_CHANNELS:]])}
 
 
-def _is_intensity(transform: BasicTransform) -> bool:
+def is_intensity_transform(transform: BasicTransform) -> bool:
     inner = transform.transform if isinstance(transform, RandomTransform) else transform
     return isinstance(inner, INTENSITY_TRANSFORMS)
 
@@ -45,8 +45,8 @@ def _is_intensity(transform: BasicTransform) -> bool:
 def keep_coordinates_out_of_intensity_augmentation(transforms: BasicTransform) -> BasicTransform:
     """nnU-Net's training transforms with every intensity transform restricted to the image channels."""
     if not isinstance(transforms, ComposeTransforms):
-        return ImageChannelsOnly(transforms) if _is_intensity(transforms) else transforms
-    return ComposeTransforms([ImageChannelsOnly(t) if _is_intensity(t) else t for t in transforms.transforms])
+        return ImageChannelsOnly(transforms) if is_intensity_transform(transforms) else transforms
+    return ComposeTransforms([ImageChannelsOnly(t) if is_intensity_transform(t) else t for t in transforms.transforms])
 
 
 def check_coordinate_channels(dataset_json: dict, reads_coordinates: bool, trainer_name: str) -> None:
