@@ -27,7 +27,7 @@ STOCK, RECYCLE = "nnUNetTrainer", "nnUNetTrainerDiffRecycle"
 
 @pytest.fixture(scope="module")
 def jobs_dataset(nnunet_workspace):
-    return make_dataset(994, "Jobs", num_train=6, num_test=1)
+    return make_dataset(987, "Jobs", num_train=6, num_test=1)
 
 
 def _crossval(dataset, output: Path, *extra: str) -> list[str]:
@@ -36,7 +36,7 @@ def _crossval(dataset, output: Path, *extra: str) -> list[str]:
 
 
 def _fold_folder(output: Path, trainer: str, fold: int) -> Path:
-    return output / "results" / "Dataset994_Jobs" / f"{trainer}__nnUNetPlansCPU__3d_cpu" / f"fold_{fold}"
+    return output / "results" / "Dataset987_Jobs" / f"{trainer}__nnUNetPlansCPU__3d_cpu" / f"fold_{fold}"
 
 
 def _span(output: Path, trainer: str, fold: int) -> tuple[float, float]:
@@ -121,20 +121,21 @@ def _wait_until(condition, seconds: float = 600) -> None:
 @slurm
 def test_slurm_jobs_resume_after_pre_emption_and_scancel_and_the_report_is_written(jobs_dataset, tmp_path, capsys):
     output = tmp_path / "cv"
-    arguments = _crossval(jobs_dataset, output, "-f", "0", "--epochs", "8", "--save-every", "1", "--executor",
+    arguments = _crossval(jobs_dataset, output, "-f", "0", "--epochs", "30", "--save-every", "1", "--executor",
                           "slurm", "--slurm-mem", "2G", "--slurm-cpus", "1")
     assert cli_main(arguments) == 0
     jobs = {t: output / "units" / t / "repeat_0" / "fold_0" / "jobs" for t in (STOCK, RECYCLE)}
     folders = {t: _fold_folder(output, t, 0) for t in (STOCK, RECYCLE)}
     first = {t: read_job(jobs[t], "train") for t in (STOCK, RECYCLE)}
     assert first[STOCK].executor == "slurm" and read_job(jobs[STOCK], "score") is not None
-    _wait_until(lambda: all((folders[t] / "checkpoint_latest.pth").is_file() for t in (STOCK, RECYCLE)))
+    _wait_until(lambda: (folders[STOCK] / "checkpoint_latest.pth").is_file())
+    subprocess.run(["scancel", first[STOCK].job_id], check=True)  # cancelled: gone until the command runs again
+    _wait_until(lambda: (folders[RECYCLE] / "checkpoint_latest.pth").is_file())
     # pre-emption: Slurm's warning signal makes submitit requeue the same job, which resumes
     subprocess.run(["scancel", "--signal=USR2", first[RECYCLE].job_id], check=True)
     _wait_until(lambda: _slurm_state(first[RECYCLE].job_id) == "PENDING")
     # Slurm holds a requeued job back for a while; as an operator would, let it start now
     subprocess.run(["scontrol", "update", f"JobId={first[RECYCLE].job_id}", "StartTime=now"], check=True)
-    subprocess.run(["scancel", first[STOCK].job_id], check=True)  # cancelled: gone until the command runs again
     _wait_until(lambda: not first[STOCK].alive())
     capsys.readouterr()
     assert cli_main([*arguments, "--dry-run"]) == 0

@@ -118,3 +118,14 @@ def submit(options: ExecutionOptions, folder: Path, kind: str, job: Callable, na
     partial.write_text(json.dumps(record.__dict__))
     partial.replace(record_file(folder, kind))
     return record
+
+
+def cancel(record: JobRecord) -> None:
+    """End a queued or running job (a Slurm job by `scancel`, a local one by SIGINT, as submitit cancels)."""
+    if record.executor == "slurm":
+        subprocess.run(["scancel", record.job_id], check=False)
+    else:
+        try:
+            os.kill(int(record.job_id), 2)
+        except ProcessLookupError:
+            pass

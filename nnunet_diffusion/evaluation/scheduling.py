@@ -14,7 +14,7 @@ import numpy as np
 
 from nnunet_diffusion.evaluation.comparison import (ARCHIVED, SCORED, TO_PREDICT, TO_RESUME, TO_TRAIN, Comparison,
                                                     Prepared, finish, job_environment)
-from nnunet_diffusion.evaluation.jobs import JobRecord, TrainingJob, read_job, submit
+from nnunet_diffusion.evaluation.jobs import JobRecord, TrainingJob, cancel, read_job, submit
 from nnunet_diffusion.evaluation.options import ExecutionOptions
 from nnunet_diffusion.evaluation.study import Unit
 from nnunet_diffusion.evaluation.unit_scoring import ComparisonError
@@ -135,14 +135,16 @@ def submit_slurm(prepared: Prepared, options: ExecutionOptions) -> list[JobRecor
         status = prepared.status(unit)
         if status in (SCORED, ARCHIVED):
             continue
-        training = alive_job(prepared, unit, TRAIN)
+        training, score = alive_job(prepared, unit, TRAIN), alive_job(prepared, unit, SCORE)
         if training is None and status in (TO_TRAIN, TO_RESUME):
             source = trainings.get(starts_from(prepared, unit))
             training = _submit_unit(prepared, options, unit, TRAIN, after=source.job_id if source else None)
             submitted.append(training)
+            if score is not None:  # it waits on the training that stopped: Slurm would never start it
+                cancel(score)
+                score = None
         if training is not None:
             trainings[unit] = training
-        score = alive_job(prepared, unit, SCORE)
         if score is None:
             score = _submit_unit(prepared, options, unit, SCORE, after=training.job_id if training else None)
             submitted.append(score)
@@ -188,16 +190,16 @@ def unit_states(prepared: Prepared, options: ExecutionOptions) -> tuple[list[lis
         seconds = float(np.mean(measured[unit.trainer])) if measured[unit.trainer] else options.epoch_seconds
         remaining = max(epochs - max(epoch, 0), 0) if status in (TO_TRAIN, TO_RESUME) else 0
         training, scoring = alive_job(prepared, unit, TRAIN), alive_job(prepared, unit, SCORE)
+        needs_training = training is None and status in (TO_TRAIN, TO_RESUME)
         if training is not None:
             state = f"training (job {training.job_id}) at epoch {epoch + 1} of {epochs}"
-        elif scoring is not None:
-            state = f"predicting (job {scoring.job_id})"
-        else:
+        elif needs_training or scoring is None:
             state = status + (f" (stopped in epoch {epoch + 1} of {epochs})" if status == TO_RESUME else "")
+        else:
+            state = f"predicting (job {scoring.job_id})"
         left = "" if not remaining or seconds is None else f"{remaining * seconds / 3600:.1f}"
         would = [] if status in (SCORED, ARCHIVED) else \
-            ([TRAIN] if training is None and status in (TO_TRAIN, TO_RESUME) else []) + \
-            ([SCORE] if scoring is None else [])
+            ([TRAIN, SCORE] if needs_training else [] if scoring is not None else [SCORE])
         jobs += len(would)
         if training is None and remaining:
             hours = None if seconds is None or hours is None else hours + remaining * seconds / 3600
