@@ -105,7 +105,7 @@ def progress(fold_folder: Path) -> tuple[int, list[float]]:
     """The last epoch nnU-Net's text logs in the folder began (0-based; -1 before the first) and the logged epoch
     times in seconds: the progress of a training that may be running elsewhere."""
     epoch, seconds = -1, []
-    for log in sorted(fold_folder.glob("training_log_*.txt")):
+    for log in sorted(fold_folder.glob("training_log_*.txt"), key=lambda file: file.stat().st_mtime):
         for line in log.read_text(errors="replace").splitlines():
             if match := _EPOCH_LINE.search(line):
                 epoch = int(match.group(1))
@@ -121,6 +121,26 @@ def _versions() -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"host": platform.node(), "device_name": device, "torch": torch.__version__,
             "nnunetv2": importlib.metadata.version("nnunetv2"), "python": platform.python_version()}
+
+
+def _set_aside_unreadable_checkpoints(fold_folder: Path) -> str:
+    """A process stopped while nnU-Net wrote a checkpoint can leave it cut off: such a file is renamed
+    `<name>.incomplete`, and `--c` then resumes from the other one. With none readable the training is refused,
+    not silently started again."""
+    from nnunet_diffusion.checkpoints import load_checkpoint
+    for name in ("checkpoint_latest.pth", "checkpoint_best.pth"):
+        file = fold_folder / name
+        if not file.is_file():
+            continue
+        try:
+            load_checkpoint(file)
+        except (RuntimeError, EOFError, OSError) as error:
+            print(f"{file} cannot be read ({error}); set aside as {file.name}.incomplete", flush=True)
+            file.replace(file.with_name(file.name + ".incomplete"))
+    if training_state(fold_folder) == NEW:
+        raise TrainingError(f"{fold_folder} holds no readable checkpoint to resume from (see the *.incomplete "
+                            f"files); remove the fold folder to train it anew")
+    return RESUMABLE
 
 
 def _write_record(fold_folder: Path, record: dict) -> None:
@@ -140,6 +160,8 @@ def train(run: TrainingRun, command: str | None = None):
     state = check_fold_folder(run)
     if state == FINISHED:
         return None
+    if state == RESUMABLE:
+        state = _set_aside_unreadable_checkpoints(run.fold_folder)
     record = read_record(run.fold_folder) if state == RESUMABLE else None
     record = record or {**run.settings(), "trainer": run.trainer, "plans": run.plans,
                         "configuration": run.configuration, "fold": run.fold, "sessions": []}
@@ -147,6 +169,7 @@ def train(run: TrainingRun, command: str | None = None):
                "command": command or " ".join(sys.argv), "device": run.device, **_versions()}
     record["sessions"].append(session)
     record["command"] = record["sessions"][0]["command"]
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True  # as nnUNetv2_train
     if run.seed is not None:
         random.seed(run.seed)
         np.random.seed(run.seed)

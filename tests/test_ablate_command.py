@@ -86,3 +86,18 @@ def test_bad_trainer_names_fail_before_any_training(demo_dataset, tmp_path, monk
         ablate.main(["-d", str(demo_dataset.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", *trainers,
                      "--baseline", baseline, "-i", str(demo_dataset.test_images), "-r", str(demo_dataset.test_labels),
                      "-o", str(tmp_path), "-device", "cpu"])
+
+
+def test_a_cut_off_checkpoint_is_set_aside_and_the_training_is_never_silently_restarted(tmp_path):
+    import torch
+
+    from nnunet_diffusion.training import train
+    run = TrainingRun("Dataset990_X", "3d_fullres", 0, "A", results=str(tmp_path))
+    run.fold_folder.mkdir(parents=True)
+    torch.save({"network_weights": {"w": torch.zeros(1000)}, "current_epoch": 50}, run.fold_folder / "whole.pth")
+    whole = (run.fold_folder / "whole.pth").read_bytes()
+    (run.fold_folder / "checkpoint_latest.pth").write_bytes(whole[:len(whole) // 2])  # stopped while nnU-Net wrote
+    with pytest.raises(TrainingError, match="no readable checkpoint to resume from"):
+        train(run)
+    assert (run.fold_folder / "checkpoint_latest.pth.incomplete").is_file()
+    assert not (run.fold_folder / "checkpoint_latest.pth").exists()

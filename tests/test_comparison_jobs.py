@@ -72,27 +72,29 @@ def test_local_jobs_train_a_folds_units_at_once_and_report_as_an_inline_run(jobs
 
 def test_a_training_killed_after_a_checkpoint_resumes_from_it_on_the_next_run(jobs_dataset, tmp_path):
     output = tmp_path / "cv"
-    arguments = _crossval(jobs_dataset, output, "-f", "0", "--epochs", "6", "--save-every", "1",
+    arguments = _crossval(jobs_dataset, output, "-f", "0", "--epochs", "8", "--save-every", "2",
                           "--baseline", STOCK, "-tr", STOCK)
     folder = _fold_folder(output, STOCK, 0)
     process = subprocess.Popen([sys.executable, "-m", "nnunet_diffusion.cli", *arguments], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (folder / "checkpoint_latest.pth").is_file() and time.time() < deadline:
-        time.sleep(0.2)
+    from nnunet_diffusion.checkpoints import load_checkpoint
+    deadline, saved_epoch = time.time() + 300, None
+    while saved_epoch is None and time.time() < deadline:  # the first checkpoint, once nnU-Net has written it whole
+        try:
+            saved_epoch = load_checkpoint(folder / "checkpoint_latest.pth")["current_epoch"]
+        except (FileNotFoundError, RuntimeError, EOFError):
+            time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert (folder / "checkpoint_latest.pth").is_file() and not (folder / "checkpoint_final.pth").is_file()
-    from nnunet_diffusion.checkpoints import load_checkpoint
-    saved_epoch = load_checkpoint(folder / "checkpoint_latest.pth")["current_epoch"]
+    assert saved_epoch is not None and not (folder / "checkpoint_final.pth").is_file()
     killed_at, _ = progress(folder)
     assert cli_main(arguments) == 0
     record = read_record(folder)
     assert [s["action"] for s in record["sessions"]] == ["train", "resume"]
     logs = sorted(folder.glob("training_log_*.txt"))
     resumed_epochs = [int(m.group(1)) for m in re.finditer(r": Epoch (\d+)\s*$", logs[-1].read_text(), re.M)]
-    assert resumed_epochs == list(range(saved_epoch, 6))  # the count continues where the checkpoint stood
-    assert 1 <= saved_epoch <= killed_at + 1
+    assert resumed_epochs == list(range(saved_epoch, 8))  # the count continues where the checkpoint stood
+    assert saved_epoch == 2 and killed_at >= 1  # killed after the checkpoint of epochs 0-1 was written
     print(f"killed at epoch {killed_at}, checkpoint at epoch {saved_epoch}, resumed epochs {resumed_epochs}")
 
 

@@ -245,6 +245,7 @@ def _difference(low, high, mean=None, p=0.001):
     (0.006, 0.009, 1e-18, 5, "A better"),  # the whole interval beyond +margin
     (-0.084, -0.048, 1e-6, 0, "B better"),
     (-0.003, 0.001, 0.35, 2, "on par"),  # inside ±margin
+    (0.001, 0.003, 0.2, 3, "on par"),  # equivalence needs no significant difference
     (0.001, 0.006, 0.002, 4, "undecided"),  # beyond 0 but crosses +margin
     (0.009, 0.046, 0.86, 1, "undecided"),  # interval and signed-rank test disagree (ACDC's AllT − Recycle)
     (0.009, 0.046, 0.001, 1, "undecided"),  # ahead on 1 of 5 folds only

@@ -19,6 +19,7 @@ from nnunet_diffusion.training import TrainingRun, read_record, train
 from nnunet_diffusion.utils import environment
 
 LOCAL_TIMEOUT_MINUTES = 60 * 24 * 30  # a local job runs until it ends: no scheduler limit to requeue from
+SLURM_REQUEUES = 100  # time limits a training may reach and be requeued from: a 1000-epoch training spans many
 SLURM_STATES_ALIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
                       "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT")
 
@@ -55,7 +56,9 @@ class JobRecord:
         """Queued or running: Slurm's queue says so, or the local process still runs."""
         if self.executor == "slurm":
             result = subprocess.run(["squeue", "-h", "-j", self.job_id, "-o", "%T"], capture_output=True, text=True)
-            return result.returncode == 0 and any(s.strip() in SLURM_STATES_ALIVE for s in result.stdout.split())
+            if result.returncode:  # a job Slurm no longer knows has ended; an unanswered query proves nothing
+                return "Invalid job id" not in result.stderr
+            return any(s.strip() in SLURM_STATES_ALIVE for s in result.stdout.split())
         stat = Path(f"/proc/{self.job_id}/stat")
         try:
             alive = stat.read_text().split(")")[-1].split()[0] not in ("Z", "X")
@@ -95,7 +98,7 @@ def _executor(options: ExecutionOptions, folder: Path, name: str, gpu: int | Non
         executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MINUTES, gpus_per_node=int(gpu is not None),
                                    visible_gpus=() if gpu is None else (gpu,))
         return executor
-    executor = submitit.SlurmExecutor(folder=folder)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=SLURM_REQUEUES)
     additional = {"kill-on-invalid-dep": "yes", **dict(options.slurm_params)}
     if dependency is not None:
         additional["dependency"] = dependency

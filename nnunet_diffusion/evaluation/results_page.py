@@ -83,10 +83,10 @@ def results_markdown(study: Study, summary: dict, splits: Sequence[dict], missin
               "A − B per held-out case (final predictions), mean, 95 % bootstrap interval over cases, Wilcoxon "
               "signed-rank p (two-sided), the cases where A scored higher and the folds where A's mean over the "
               "fold's cases is higher (each fold is a separate training, so this shows whether the difference "
-              f"survives the spread between trainings). Verdict at the margin ±{study.margin:g} Dice: *A better* / *B "
-              "better* when the whole interval lies beyond the margin, *on par* when it lies inside it, *undecided* "
-              "when it crosses a margin or the evidence disagrees with itself (an interval that excludes 0 while "
-              "the signed-rank p is ≥ 0.05, or a mean whose sign most folds contradict).", ""]
+              f"survives the spread between trainings). Verdict at the margin ±{study.margin:g} Dice: *on par* when "
+              "the interval lies inside it; *A better* / *B better* when the whole interval lies beyond it and the "
+              "rest of the evidence agrees; *undecided* when the interval crosses a margin or the evidence "
+              "disagrees with itself (a signed-rank p ≥ 0.05, or a mean whose sign most folds contradict).", ""]
     lines.append(markdown_table(["A − B", "sampler", "cases", "mean", "95 % interval", "p", "A higher",
                                  "folds A higher", "verdict"],
                         [[f"{d['a']} − {d['b']}", d["sampler"], d["cases"], _fmt(d["mean"], signed=True),

@@ -94,6 +94,9 @@ def _failed(record: JobRecord, unit: Unit, kind: str) -> None:
 def run_local(prepared: Prepared, options: ExecutionOptions) -> dict:
     """Up to `options.jobs` jobs at once on this machine, each on its own GPU when `options.gpus` names them;
     trainings before the scoring that needs them; returns when every unit is scored, then finishes."""
+    if prepared.study.evaluation.device.startswith("cuda") and not options.gpus:
+        raise ValueError("--executor local with -device cuda needs --gpus, one GPU per job (e.g. --jobs 2 --gpus 0 1): "
+                         "a local job sees only the GPU it is given")
     ours: dict[tuple[Unit, str], JobRecord] = {}
     attempts: dict[tuple[Unit, str], int] = {}
     while True:
@@ -105,22 +108,22 @@ def run_local(prepared: Prepared, options: ExecutionOptions) -> dict:
         free_gpus = [g for g in options.gpus if g not in {r.gpu for r in busy.values()}]
         slots = options.jobs - len(busy)
         waiting = False
-        for unit in prepared.study.units():
-            status = prepared.status(unit)
-            kind = {TO_TRAIN: TRAIN, TO_RESUME: TRAIN, TO_PREDICT: SCORE}.get(status)
-            if kind is None or (unit, TRAIN) in busy or (unit, SCORE) in busy:
-                waiting = waiting or (unit, TRAIN) in busy or (unit, SCORE) in busy
-                continue
-            waiting = True
-            if slots <= 0 or (kind == TRAIN and not _source_trained(prepared, unit)):
-                continue
-            attempts[unit, kind] = attempts.get((unit, kind), 0) + 1
-            if attempts[unit, kind] > MAX_ATTEMPTS:
-                raise ComparisonError(f"the {kind} job of {unit} ended {MAX_ATTEMPTS} times without finishing; see "
-                                      f"{_jobs_folder(prepared, unit)}")
-            gpu = free_gpus.pop(0) if options.gpus else None
-            ours[unit, kind] = busy[unit, kind] = _submit_unit(prepared, options, unit, kind, gpu)
-            slots -= 1
+        needs = {unit: {TO_TRAIN: TRAIN, TO_RESUME: TRAIN, TO_PREDICT: SCORE}.get(prepared.status(unit))
+                 for unit in prepared.study.units()}
+        for kind in (TRAIN, SCORE):  # trainings first: they are the long jobs
+            for unit in (u for u, needed in needs.items() if needed == kind):
+                waiting = True
+                if (unit, TRAIN) in busy or (unit, SCORE) in busy or slots <= 0 or \
+                        (kind == TRAIN and not _source_trained(prepared, unit)):
+                    continue
+                attempts[unit, kind] = attempts.get((unit, kind), 0) + 1
+                if attempts[unit, kind] > MAX_ATTEMPTS:
+                    raise ComparisonError(f"the {kind} job of {unit} ended {MAX_ATTEMPTS} times without finishing; "
+                                          f"see {_jobs_folder(prepared, unit)}")
+                gpu = free_gpus.pop(0) if options.gpus else None
+                ours[unit, kind] = busy[unit, kind] = _submit_unit(prepared, options, unit, kind, gpu)
+                slots -= 1
+        waiting = waiting or bool(busy)
         if not waiting:
             return finish(prepared)
         time.sleep(POLL_SECONDS)
@@ -149,7 +152,11 @@ def submit_slurm(prepared: Prepared, options: ExecutionOptions) -> list[JobRecor
             score = _submit_unit(prepared, options, unit, SCORE, after=training.job_id if training else None)
             submitted.append(score)
         scoring.append(score.job_id)
-    if not options.wait and (submitted or (scoring and alive_job(prepared, None, FINISH) is None)):
+    earlier = alive_job(prepared, None, FINISH)
+    if earlier is not None and (submitted or options.wait):  # it waits on scorings that were replaced
+        cancel(earlier)
+        earlier = None
+    if not options.wait and (submitted or (scoring and earlier is None)):
         finishing = submit(options, _jobs_folder(prepared, None), FINISH, FinishingJob(prepared.comparison),
                            "finish_report", {}, dependency=f"afterany:{':'.join(scoring)}" if scoring else None,
                            uses_gpu=False)

@@ -77,20 +77,19 @@ SIGNIFICANCE = 0.05
 
 
 def verdict(difference: PairedDifference, margin: float, folds_a_better: int = 0, folds: int = 0) -> str:
-    """The reading of A − B at an equivalence margin (Dice): better or worse when the whole 95 % interval lies
-    beyond the margin, on par when it lies inside ±margin, undecided when it crosses a margin or when the evidence
-    disagrees with itself (an interval that excludes zero while the signed-rank test does not reject, or a mean
-    whose sign most folds contradict)."""
+    """The reading of A − B at an equivalence margin (Dice): on par when the 95 % interval lies inside ±margin;
+    better or worse when it lies beyond the margin and the rest of the evidence agrees; otherwise undecided (the
+    interval crosses a margin, or it excludes zero while the signed-rank test does not reject or most folds
+    contradict the mean's sign)."""
     low, high = difference.interval_low, difference.interval_high
-    excludes_zero = low > 0 or high < 0
+    if -margin <= low and high <= margin:
+        return ON_PAR
     folds_disagree = folds > 1 and (folds_a_better < folds / 2 if difference.mean > 0 else
                                     folds_a_better > folds / 2)
-    if excludes_zero and (difference.p_signed_rank >= SIGNIFICANCE or folds_disagree):
+    if difference.p_signed_rank >= SIGNIFICANCE or folds_disagree:
         return UNDECIDED
     if low > margin:
         return BETTER
     if high < -margin:
         return WORSE
-    if -margin <= low and high <= margin:
-        return ON_PAR
     return UNDECIDED

@@ -58,14 +58,22 @@ def unit_options(study: Study, unit: Unit) -> EvaluationOptions:
     return replace(study.evaluation, folds=(unit.fold,), save_probabilities=True)
 
 
+def same_options(stored: dict, options: EvaluationOptions) -> bool:
+    """Whether cached scores were made with these options; the device is left out, so that a command run where
+    no GPU is (a login node's `--report-only`) still finds the scores that the GPU jobs made."""
+    current = _as_json(asdict(options))
+    return {k: v for k, v in stored.items() if k != "device"} == {k: v for k, v in current.items() if k != "device"}
+
+
 def scored_record(study: Study, unit: Unit, cases: Sequence[str]) -> dict | None:
     """The cached scores of a unit when they were made from its current training with the current options."""
     record = read_json(study.unit_output(unit) / UNIT_RECORD)
     if record is None or not (study.fold_folder(unit) / "checkpoint_final.pth").is_file():
         return None
-    key = {"options": asdict(unit_options(study, unit)), "training": training_record(study, unit),
-           "cases": sorted(cases)}
-    return record if record["key"] == _as_json(key) else None
+    key = record["key"]
+    fits = same_options(key["options"], unit_options(study, unit)) and key["cases"] == sorted(cases) and \
+        key["training"] == _as_json(training_record(study, unit))
+    return record if fits else None
 
 
 def _read_nnunet_validation(study: Study, unit: Unit, cases: Sequence[str], names: dict[str, str],
@@ -217,7 +225,7 @@ def archived_unit(study: Study, unit: Unit, cases: Sequence[str]) -> tuple[dict,
     records = {}
     for member in dict.fromkeys([*group, study.baseline_of(unit)]):
         record = read_json(study.unit_output(member) / UNIT_RECORD)
-        if record is None or record["key"]["options"] != _as_json(asdict(unit_options(study, member))) or \
+        if record is None or not same_options(record["key"]["options"], unit_options(study, member)) or \
                 record["key"]["cases"] != sorted(cases) or \
                 record["training"]["budget"] != budget_record(study, member.trainer):
             return None
