@@ -187,13 +187,14 @@ def unit_states(prepared: Prepared, options: ExecutionOptions) -> tuple[list[lis
     """One row per unit (state, progress, the job a run would submit) and the GPU-hours and number of the jobs
     that a run would submit, at the epoch time logged by the study's trainings of each trainer (else stated)."""
     study = prepared.study
+    logged = {unit: progress(study.fold_folder(unit)) for unit in study.units()}
     measured = {}
-    for unit in study.units():
-        measured.setdefault(unit.trainer, []).extend(progress(study.fold_folder(unit))[1])
+    for unit, (_, seconds) in logged.items():
+        measured.setdefault(unit.trainer, []).extend(seconds)
     rows, hours, jobs = [], 0.0, 0
     for unit in study.units():
         status, epochs = prepared.status(unit), _epochs(prepared, unit)
-        epoch, _ = progress(study.fold_folder(unit))
+        epoch = logged[unit][0]
         seconds = float(np.mean(measured[unit.trainer])) if measured[unit.trainer] else options.epoch_seconds
         remaining = max(epochs - max(epoch, 0), 0) if status in (TO_TRAIN, TO_RESUME) else 0
         training, scoring = alive_job(prepared, unit, TRAIN), alive_job(prepared, unit, SCORE)
