@@ -7,6 +7,7 @@ invocations of each study.
     python experiments/recycling_crossval.py acdc cv --workdir /work/runs/acdc --patch-size 10 64 64
     python experiments/recycling_crossval.py brats cv --workdir /work/runs/brats
     python experiments/recycling_crossval.py hippocampus finetune --workdir /work/runs/hippo --epochs 20
+    python experiments/recycling_crossval.py hippocampus route --workdir /work/runs/hippo
 
 Studies (each one `nnunet-diffusion crossval` command, printed before it runs; resumable):
 - `curves`: fold 0, stock / Diff / Recycle trained for each of --curve-epochs (separate trainings, nnU-Net's
@@ -20,6 +21,10 @@ Studies (each one `nnunet-diffusion crossval` command, printed before it runs; r
 - `finetune`: on folds 0 and 1 (or --folds), recycling fine-tuned from the `cv` study's stock model of the fold
   for 2, 5 and 10 epochs (10, 25, 50 % of the 20-epoch budget) at initial learning rate 1e-3, and for 5 epochs at
   nnU-Net's 1e-2, against the `cv` study's stock and from-scratch recycling models (reused, not retrained).
+- `route`: every fold, the recommended route against its controls: stock; recycling fine-tuned from the fold's
+  stock model and the stock model trained on without diffusion (`nnUNetTrainerStockContinue`), both for a
+  quarter of the from-scratch budget at the fine-tuning rate and schedule; recycling from scratch; the ensembles
+  with stock, each also after nnU-Net's postprocessing. DDIM only (the default sampler), every step scored.
 
 Everything goes under --workdir: `raw/`, `preprocessed/`, `<study>/` (the crossval outputs and their trainings).
 A run may span machines: `--kept DIR` copies the scores kept in DIR (`units/**/unit.json`, `ensemble.json`, as
@@ -49,6 +54,7 @@ from nnunet_diffusion.utils import markdown_table
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STOCK, DIFF, RECYCLE, RECYCLE_ALL_T = ("nnUNetTrainer", "nnUNetTrainerDiff", "nnUNetTrainerDiffRecycle",
                                        "nnUNetTrainerDiffRecycleAllT")
+FINETUNE, STOCK_CONTINUE = "nnUNetTrainerDiffRecycleFinetune", "nnUNetTrainerStockContinue"
 FINETUNE_ARMS = {"nnUNetTrainerDiffRecycleFinetune_2epochs": 2, "nnUNetTrainerDiffRecycleFinetune_5epochs": 5,
                  "nnUNetTrainerDiffRecycleFinetune_10epochs": 10, "nnUNetTrainerDiffRecycleFinetuneFullLR_5epochs": 5}
 
@@ -121,13 +127,13 @@ def prepare(recipe: Recipe, workdir: Path, data: Path, patch_size: list[int] | N
 
 
 def crossval(recipe: Recipe, workdir: Path, output: str, trainers: Sequence[str], folds: Sequence[int],
-             args: argparse.Namespace, *extra: str) -> list[str]:
+             args: argparse.Namespace, *extra: str, samplers: Sequence[str] = ()) -> list[str]:
     """One `nnunet-diffusion crossval` command of this recipe (no mirroring at test time, as in the paper)."""
     command = ["nnunet-diffusion", "crossval", "-d", str(recipe.dataset_id), "-c", recipe.configuration, "-p",
                recipe.plans, "-tr", *trainers, "-f", *map(str, folds), "--num-folds", str(recipe.num_folds),
                "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--val-iterations",
-               str(args.val_iterations), "--samplers", *recipe.samplers, "--disable-tta", "-o", str(workdir / output),
-               *extra]
+               str(args.val_iterations), "--samplers", *(samplers or recipe.samplers), "--disable-tta", "-o",
+               str(workdir / output), *extra]
     return command + (["--group-by", recipe.group_by] if recipe.group_by else [])
 
 
@@ -147,6 +153,11 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
         return [crossval(recipe, workdir, study_output("finetune", args), [RECYCLE, *FINETUNE_ARMS],
                          args.folds or [0, 1], args, "--results-root", str(workdir / cv_output / "results"),
                          "--trainer-epochs", *(f"{t}={e}" for t, e in FINETUNE_ARMS.items()))]
+    if study == "route":
+        short = max(1, args.epochs // 4)
+        return [crossval(recipe, workdir, study_output("route", args), [FINETUNE, STOCK_CONTINUE, RECYCLE], folds,
+                         args, "--trainer-epochs", f"{FINETUNE}={short}", f"{STOCK_CONTINUE}={short}",
+                         "--postprocessing", samplers=("ddim",))]
     models = cv_output if args.seed_models == "cv" else f"curves/epochs_{args.epochs}"
     return [crossval(recipe, workdir, f"seeds/{models.replace('/', '_')}", [DIFF, RECYCLE], args.folds or [0], args,
                      "--seeds", "0", "1", "2", "3", "4", "--results-root", str(workdir / models / "results"))]
@@ -177,13 +188,14 @@ def copy_kept(source: Path, target: Path, patterns: Sequence[str]) -> int:
 
 
 def study_output(study: str, args: argparse.Namespace) -> str:
-    return {"cv": f"cv/epochs_{args.epochs}", "finetune": f"finetune/epochs_{args.epochs}"}[study]
+    return {"cv": f"cv/epochs_{args.epochs}", "finetune": f"finetune/epochs_{args.epochs}",
+            "route": f"route/epochs_{args.epochs}"}[study]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(RECIPES))
-    parser.add_argument("study", choices=("curves", "cv", "seeds", "finetune", "keep"))
+    parser.add_argument("study", choices=("curves", "cv", "seeds", "finetune", "route", "keep"))
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--epochs", type=int, help="budget of the cv and seeds studies (default: the recipe's)")
@@ -196,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                         "those of the cv study, or of the curves study, at --epochs")
     parser.add_argument("--patch-size", type=int, nargs="+", help="the preset's patch, fitted by `nnunet-diffusion "
                         "plans --patch-size` (only when the dataset is planned)")
-    parser.add_argument("--kept", type=Path, help="cv/finetune: scores kept from an earlier run, restored before and "
+    parser.add_argument("--kept", type=Path, help="cv/finetune/route: scores kept from an earlier run, restored before and "
                         "updated after it")
-    parser.add_argument("--kept-study", choices=("cv", "finetune"), default="cv", help="keep: whose scores")
+    parser.add_argument("--kept-study", choices=("cv", "finetune", "route"), default="cv", help="keep: whose scores")
     args = parser.parse_args(argv)
     recipe, workdir = RECIPES[args.dataset], args.workdir.resolve()
     for name in ("epochs", "iterations", "val_iterations"):
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         copied = copy_kept(workdir / study_output(args.kept_study, args), args.kept, KEPT_FILES)
         print(f"kept {copied} file(s) in {args.kept}")
         return 0
-    output = workdir / study_output(args.study, args) if args.study in ("cv", "finetune") else None
+    output = workdir / study_output(args.study, args) if args.study in ("cv", "finetune", "route") else None
     if args.kept is not None and output is not None:
         print(f"restored {copy_kept(args.kept, output, KEPT_SCORES)} kept score file(s) into {output}")
     prepare(recipe, workdir, args.data, args.patch_size)

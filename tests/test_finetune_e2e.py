@@ -14,7 +14,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.core.stock_start import StockWeightsError
-from nnunet_diffusion.trainers.finetune import FINETUNE_FROM_VARIABLE, FINETUNE_TRAINERS
+from nnunet_diffusion.trainers.finetune import (FINETUNE_FROM_VARIABLE, FINETUNE_TRAINERS,
+                                               nnUNetTrainerStockContinue)
 from nnunet_runs import CONFIGURATION, PLANS, mean_dice, model_folder, predict, train_in_process
 
 FOLD = 1
@@ -35,23 +36,41 @@ def _trainer(dataset, name: str = TRAINER, fold: int = FOLD):
     return trainer
 
 
-@pytest.mark.parametrize("name", [c.__name__ for c in FINETUNE_TRAINERS if "epoch" not in c.__name__])
-def test_fine_tuning_starts_from_exactly_the_stock_models_predictions(demo_dataset, stock_fold, name):
-    trainer = _trainer(demo_dataset, name)
-    assert trainer.start_from_stock() == stock_fold
-    checkpoint = torch.load(stock_fold, map_location="cpu", weights_only=False)
+def _stock_network(trainer, checkpoint_path):
     stock = nnUNetTrainer.build_network_architecture(
         trainer.plans_manager, trainer.configuration_manager, trainer.num_input_channels,
         trainer.label_manager.num_segmentation_heads, True)
-    stock.load_state_dict(checkpoint["network_weights"])
+    stock.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=False)["network_weights"])
+    return stock.eval()
+
+
+@pytest.mark.parametrize("name", [c.__name__ for c in FINETUNE_TRAINERS
+                                  if "epoch" not in c.__name__ and c is not nnUNetTrainerStockContinue])
+def test_fine_tuning_starts_from_exactly_the_stock_models_predictions(demo_dataset, stock_fold, name):
+    trainer = _trainer(demo_dataset, name)
+    assert trainer.start_from_stock() == stock_fold
+    stock = _stock_network(trainer, stock_fold)
     image = torch.randn(2, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
     network = trainer.network.eval()
     network.set_deep_supervision_enabled(False)
     with torch.no_grad():
-        expected = stock.eval()(image)[0]
+        expected = stock(image)[0]
         sampled = network.sample(image, SamplerSettings(sampler="ddpm", steps=2, seed=1))
     torch.testing.assert_close(sampled, expected, rtol=1e-4, atol=1e-4)
     assert trainer.initial_lr == trainer.finetune_initial_lr == (1e-2 if "FullLR" in name else 1e-3)
+
+
+def test_the_stock_continuation_starts_from_the_stock_weights_at_the_fine_tuning_schedule(demo_dataset, stock_fold):
+    trainer = _trainer(demo_dataset, "nnUNetTrainerStockContinue_5epochs")
+    assert trainer.start_from_stock() == stock_fold
+    image = torch.randn(2, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
+    with torch.no_grad():
+        expected = _stock_network(trainer, stock_fold)(image)
+        continued = trainer.network.eval()(image)
+    for e, c in zip(expected, continued):
+        torch.testing.assert_close(c, e)
+    fine_tuning = _trainer(demo_dataset, "nnUNetTrainerDiffRecycleFinetune_5epochs")
+    assert (trainer.initial_lr, trainer.num_epochs) == (fine_tuning.initial_lr, fine_tuning.num_epochs) == (1e-3, 5)
 
 
 def test_a_stock_model_of_other_plans_or_a_missing_one_is_refused(demo_dataset, stock_fold, tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """Fine-tuning trainers: a diffusion segmentation trainer that starts from a trained stock nnU-Net model
-(`nnUNetTrainer` by default) of the same dataset, plans, configuration and fold, instead of from random weights.
+(`nnUNetTrainer` by default) of the same dataset, plans, configuration and fold, instead of from random weights;
+and its control, `nnUNetTrainerStockContinue`, the stock model trained on at the same rate and schedule without
+diffusion, which tells what recycling adds apart from what more training adds.
 
 nnU-Net's `-pretrained_weights` cannot do this: its loader copies only tensors of equal name and shape and never
 the segmentation heads (`.seg_layers.`), and it hands the file to nobody else. These trainers therefore find the
@@ -15,10 +17,12 @@ import os
 from pathlib import Path
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_diffusion.checkpoints import load_checkpoint
 from nnunet_diffusion.core.stock_start import StockWeightsError, load_stock_weights
-from nnunet_diffusion.trainer_support import unwrap
+from nnunet_diffusion.trainer_support import mismatching_keys, unwrap
+from nnunet_diffusion.trainers.base import PluginTrainer
 from nnunet_diffusion.trainers.registry import trainers_defined_in
 from nnunet_diffusion.trainers.segmentation import (nnUNetTrainerDiff, nnUNetTrainerDiffRecycle,
                                                     nnUNetTrainerDiffSelfCond)
@@ -27,8 +31,8 @@ FINETUNE_FROM_VARIABLE = "nnUNet_diffusion_finetune_from"
 
 
 class StockStart:
-    """Mixin for a diffusion trainer: start the first epoch from the stock model's weights, at a lower learning
-    rate over a shorter schedule (a resumed training, `--c`, continues from its own checkpoint instead)."""
+    """Mixin for a trainer: start the first epoch from the stock model's weights, at a lower learning rate over a
+    shorter schedule (a resumed training, `--c`, continues from its own checkpoint instead)."""
     source_trainer = "nnUNetTrainer"
     source_checkpoint_name = "checkpoint_final.pth"
     finetune_initial_lr = 1e-3
@@ -38,6 +42,7 @@ class StockStart:
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.finetune_initial_lr
+        self.num_epochs = self.training_epochs
 
     def source_checkpoint(self) -> Path:
         """The stock checkpoint to start from: `nnUNet_diffusion_finetune_from`, else the source trainer's model
@@ -75,12 +80,16 @@ class StockStart:
                                     f"-p {wanted[0]} -c {wanted[1]}: fine-tune with the plans and configuration "
                                     f"of the stock model")
         try:
-            load_stock_weights(unwrap(self.network), checkpoint["network_weights"])
+            self.load_source_weights(checkpoint["network_weights"])
         except StockWeightsError as error:
             raise StockWeightsError(f"{path} ({checkpoint.get('trainer_name', 'unknown trainer')}) does not fit "
                                     f"{type(self).__name__}: {error}") from None
         self.print_to_log_file(f"starting from the stock model {path}")
         return path
+
+    def load_source_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """The stock weights into a diffusion network: its x0 logits start as the stock model's output."""
+        load_stock_weights(unwrap(self.network), weights)
 
     def on_train_start(self):
         super().on_train_start()
@@ -103,6 +112,21 @@ class nnUNetTrainerDiffSelfCondFinetune(StockStart, nnUNetTrainerDiffSelfCond):
 class nnUNetTrainerDiffRecycleFinetuneFullLR(nnUNetTrainerDiffRecycleFinetune):
     """Recycling fine-tuned at nnU-Net's from-scratch initial learning rate, 1e-2 (the schedule's other lever)."""
     finetune_initial_lr = 1e-2
+
+
+class nnUNetTrainerStockContinue(StockStart, PluginTrainer):
+    """This fold's nnUNetTrainer model trained on without diffusion, at the fine-tuning rate and schedule: the
+    control of every `…Finetune` trainer."""
+
+    def load_source_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        problems = mismatching_keys(unwrap(self.network).state_dict(), weights)
+        if problems:
+            raise StockWeightsError(f"the networks differ ({'; '.join(problems)})")
+        unwrap(self.network).load_state_dict(weights)
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """nnU-Net's own switch: the network is nnU-Net's."""
+        nnUNetTrainer.set_deep_supervision_enabled(self, enabled)
 
 
 FINETUNE_TRAINERS = trainers_defined_in(globals())

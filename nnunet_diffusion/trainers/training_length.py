@@ -4,7 +4,8 @@ families, as nnU-Net keeps `variants/training_length/`, and written out one clas
 `-tr` name. Each sets only `training_epochs` (nnU-Net's 250 iterations per epoch stay), which
 `nnUNetTrainerDiff.__init__` applies.
 """
-from nnunet_diffusion.trainers.finetune import nnUNetTrainerDiffRecycleFinetune, nnUNetTrainerDiffRecycleFinetuneFullLR
+from nnunet_diffusion.trainers.finetune import (nnUNetTrainerDiffRecycleFinetune, nnUNetTrainerDiffRecycleFinetuneFullLR,
+                                               nnUNetTrainerStockContinue)
 from nnunet_diffusion.trainers.registry import trainers_defined_in
 from nnunet_diffusion.trainers.segmentation import (nnUNetTrainerDiff, nnUNetTrainerDiffSelfCond,
                                                     nnUNetTrainerDiffSelfCondNext, nnUNetTrainerDiffRecycleNext,
@@ -156,6 +157,11 @@ class nnUNetTrainerDiffRecycleFinetune_10epochs(nnUNetTrainerDiffRecycleFinetune
 
 class nnUNetTrainerDiffRecycleFinetuneFullLR_5epochs(nnUNetTrainerDiffRecycleFinetuneFullLR):
     """nnUNetTrainerDiffRecycleFinetuneFullLR for 5 epochs of 250 iterations."""
+    training_epochs = 5
+
+
+class nnUNetTrainerStockContinue_5epochs(nnUNetTrainerStockContinue):
+    """nnUNetTrainerStockContinue for 5 epochs of 250 iterations."""
     training_epochs = 5
 
 
