@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch._dynamo import OptimizedModule
 
+from nnunet_diffusion.core.diffusion_network import DEFAULT_SAMPLING_BUFFERS
+
 
 def unwrap(network: nn.Module) -> nn.Module:
     """The plain module behind nnU-Net's optional DDP and torch.compile wrappers."""
@@ -20,9 +22,11 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 def mismatching_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
-    """Human-readable list of the first keys that are missing, unexpected or of another shape."""
+    """Human-readable list of the first keys that are missing, unexpected or of another shape (a diffusion
+    network's default sampling may be missing: checkpoints written before it existed load with all T steps)."""
     found = {k[7:] if k.startswith("module.") and k not in expected else k: v for k, v in found.items()}
-    problems = [f"missing {k}" for k in expected if k not in found]
+    problems = [f"missing {k}" for k in expected
+                if k not in found and k.rpartition(".")[2] not in DEFAULT_SAMPLING_BUFFERS]
     problems += [f"unexpected {k}" for k in found if k not in expected]
     problems += [f"{k}: shape {tuple(found[k].shape)} != expected {tuple(v.shape)}"
                  for k, v in expected.items() if k in found and isinstance(v, torch.Tensor)

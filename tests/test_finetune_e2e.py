@@ -94,10 +94,16 @@ def test_stock_model_then_fine_tuning_then_stock_nnunetv2_predict(demo_dataset, 
     logs = [p for p in os.listdir(trainer.output_folder) if p.startswith("training_log")]
     assert any(f"starting from the stock model {stock_fold}" in open(os.path.join(trainer.output_folder, p)).read()
                for p in logs)
+    checkpoint = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), weights_only=False)
+    assert int(checkpoint["network_weights"]["default_sampling_steps"]) == 1  # the model's default, in its file
     predict(demo_dataset, TRAINER, tmp_path / "pred", fold=str(FOLD), extra=["--disable_tta"],
-            env={"nnUNet_diffusion_steps": "2"})
+            env={"nnUNet_diffusion_seed": "3"})
+    predict(demo_dataset, TRAINER, tmp_path / "one_step", fold=str(FOLD), extra=["--disable_tta"],
+            env={"nnUNet_diffusion_seed": "3", "nnUNet_diffusion_steps": "1"})
     for image in sorted(demo_dataset.test_images.glob("*.nii.gz")):
         prediction = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))
+        one_step = sitk.ReadImage(str(tmp_path / "one_step" / image.name.replace("_0000", "")))
+        assert np.array_equal(sitk.GetArrayFromImage(prediction), sitk.GetArrayFromImage(one_step))
         assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()
         assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
     # After two iterations at lr 1e-3 from exactly the stock model's predictions, the fine-tuned model still predicts

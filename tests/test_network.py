@@ -12,10 +12,11 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.masks import MaskCodec
-from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, SamplerSettings
+from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS, SamplerSettings
 from nnunet_diffusion.core.sampling_loop import changed_label_fraction, sample, sample_steps
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.time_conditioning import FiLMNorm, TimeContext
+from nnunet_diffusion.trainer_support import mismatching_keys
 from nnunet_diffusion.trainers.segmentation import nnUNetTrainerDiffRecycle, nnUNetTrainerDiffSelfCond
 from nnunet_runs import run
 
@@ -180,6 +181,36 @@ def test_settings_passed_in_code_replace_the_environment_and_are_checked_against
     with pytest.raises(ValueError, match="exceeds the 5 timesteps"):
         with network.sampling_with(SamplerSettings("ddim", 6)):
             pass
+
+
+def test_the_default_sampling_travels_in_the_state_dict_and_old_checkpoints_keep_all_T_steps(monkeypatch):
+    for name in (ENV_SAMPLER, ENV_SEED, ENV_STEPS):
+        monkeypatch.delenv(name, raising=False)
+    recommended = _small_network()
+    recommended.set_default_sampling(SamplerSettings("ddpm", 1, None, 0.05))
+    weights = recommended.state_dict()
+    assert int(weights["default_sampling_steps"]) == 1
+    network = _small_network()
+    assert network.default_sampling == SamplerSettings("ddim", 5)
+    network.load_state_dict(weights)
+    assert network.prediction_settings() == SamplerSettings("ddpm", 1, None, 0.05)
+    monkeypatch.setenv(ENV_STEPS, "3")
+    assert network.prediction_settings() == SamplerSettings("ddpm", 3, None, 0.05)
+    old = {k: v for k, v in weights.items() if not k.startswith("default_")}
+    network.load_state_dict(old)  # strict, as nnU-Net's predictor loads
+    assert network.default_sampling == SamplerSettings("ddim", 5)
+    assert mismatching_keys(network.state_dict(), old) == []
+    assert mismatching_keys(network.state_dict(), {**old, "stray": torch.zeros(1)}) == ["unexpected stray"]
+    with pytest.raises(ValueError, match="exceeds the 5 timesteps"):
+        network.set_default_sampling(SamplerSettings("ddim", 6))
+
+
+def test_the_recycling_fine_tuning_trainers_default_to_one_step_and_from_scratch_to_T():
+    from nnunet_diffusion.trainers.finetune import nnUNetTrainerDiffRecycleFinetune
+    from nnunet_diffusion.trainers.training_length import nnUNetTrainerDiffRecycleFinetune_5epochs
+    assert nnUNetTrainerDiffRecycleFinetune_5epochs.default_sampling() == SamplerSettings("ddim", 1)
+    assert nnUNetTrainerDiffRecycleFinetune.default_sampling() == SamplerSettings("ddim", 1)
+    assert nnUNetTrainerDiffRecycle.default_sampling() == SamplerSettings("ddim", 5)
 
 
 def test_the_eval_forward_is_one_network_call_that_runs_the_sampling_loop():

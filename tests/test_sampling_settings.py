@@ -9,6 +9,17 @@ def test_defaults_are_ddim_over_all_training_timesteps(monkeypatch):
     assert SamplerSettings.from_environment(5) == SamplerSettings("ddim", 5, None, None)
 
 
+def test_a_models_default_fills_what_the_environment_leaves_unset(monkeypatch):
+    for name in (ENV_SAMPLER, ENV_SEED, ENV_EARLY_EXIT):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(ENV_STEPS, "")  # set but empty counts as unset
+    default = SamplerSettings("ddpm", 1, None, 0.02)
+    assert SamplerSettings.from_environment(5, default) == default
+    monkeypatch.setenv(ENV_STEPS, "5")
+    monkeypatch.setenv(ENV_SAMPLER, "ddim")
+    assert SamplerSettings.from_environment(5, default) == SamplerSettings("ddim", 5, None, 0.02)
+
+
 def test_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv(ENV_SAMPLER, "DDPM")
     monkeypatch.setenv(ENV_STEPS, "3")

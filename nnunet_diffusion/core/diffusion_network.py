@@ -4,6 +4,11 @@ In training mode `forward(image, x_t, t)` is one denoising pass (x0 logits, nnU-
 on). In eval mode `forward(image)` runs the whole sampler (`sampling_loop.sample`) and returns the last step's x0
 logits, so nnU-Net's sliding-window predictor, mirroring, `--save_probabilities`, ensembling and final validation
 work unchanged, with one network call per tile.
+
+The network carries its default sampling (steps, sampler, early exit) as buffers, so a checkpoint predicts with
+the settings its trainer recommended when it was trained, whatever later versions recommend; the
+`nnUNet_diffusion_*` variables override each of them. A checkpoint written before these buffers existed samples
+as it did then: DDIM over all T steps.
 """
 from __future__ import annotations
 
@@ -17,15 +22,20 @@ from nnunet_diffusion.core import sampling_loop
 from nnunet_diffusion.core.cpu_workarounds import pads_single_sample, speed_up_input_convolution
 from nnunet_diffusion.core.masks import MaskCodec, noisy_mask_to_input
 from nnunet_diffusion.core.sampling import SamplerSettings
-from nnunet_diffusion.core.scheduler import DiffusionScheduler
+from nnunet_diffusion.core.scheduler import SAMPLERS, DiffusionScheduler
 from nnunet_diffusion.core.time_conditioning import TimeContext, TimeEmbedding, add_time_conditioning, conditioned_on
+
+
+DEFAULT_SAMPLING_BUFFERS = ("default_sampling_steps", "default_sampler", "default_early_exit")
+NO_EARLY_EXIT = -1.0
 
 
 class DiffusionSegmentationNetwork(nn.Module):
     """Denoiser f(image, x_t, t[, x̂0_prev]) → x0 logits; in eval mode `forward(image)` samples a segmentation."""
 
     def __init__(self, unet: nn.Module, num_image_channels: int, codec: MaskCodec, alphas_cumprod: torch.Tensor,
-                 self_conditioning: bool = False, time_conditioning: bool = True, embedding_dim: int = 128):
+                 self_conditioning: bool = False, time_conditioning: bool = True, embedding_dim: int = 128,
+                 default_sampling: SamplerSettings | None = None):
         super().__init__()
         self.num_image_channels = num_image_channels
         self.codec = codec
@@ -41,7 +51,11 @@ class DiffusionSegmentationNetwork(nn.Module):
         self.set_deep_supervision_enabled(unet.decoder.deep_supervision)
         # Part of the state dict so that the predictor, which never sees dataset.json, decodes masks correctly.
         self.register_buffer("uses_sigmoid", torch.tensor(codec.activation == "sigmoid"))
-        self.sampler_settings: SamplerSettings | None = None  # None: the nnUNet_diffusion_* variables decide
+        self.sampler_settings: SamplerSettings | None = None  # None: the defaults and nnUNet_diffusion_* decide
+        self.register_buffer("default_sampling_steps", torch.tensor(0))
+        self.register_buffer("default_sampler", torch.tensor(0))
+        self.register_buffer("default_early_exit", torch.tensor(NO_EARLY_EXIT, dtype=torch.float64))
+        self.set_default_sampling(default_sampling or SamplerSettings("ddim", self.num_timesteps))
 
     @property
     def num_timesteps(self) -> int:
@@ -50,6 +64,24 @@ class DiffusionSegmentationNetwork(nn.Module):
     @property
     def num_mask_channels(self) -> int:
         return self.codec.num_channels
+
+    def set_default_sampling(self, settings: SamplerSettings) -> None:
+        """What plain `nnUNetv2_predict` runs with this network (saved in its checkpoint); never a seed."""
+        settings = settings.checked_for(self.num_timesteps)
+        self.default_sampling_steps.fill_(settings.steps)
+        self.default_sampler.fill_(SAMPLERS.index(settings.sampler))
+        tolerance = settings.early_exit_tolerance
+        self.default_early_exit.fill_(NO_EARLY_EXIT if tolerance is None else tolerance)
+
+    @property
+    def default_sampling(self) -> SamplerSettings:
+        tolerance = float(self.default_early_exit)
+        return SamplerSettings(SAMPLERS[int(self.default_sampler)], int(self.default_sampling_steps), None,
+                               None if tolerance == NO_EARLY_EXIT else tolerance)
+
+    def prediction_settings(self) -> SamplerSettings:
+        """This network's default sampling with every `nnUNet_diffusion_*` variable that is set applied on top."""
+        return SamplerSettings.from_environment(self.num_timesteps, self.default_sampling)
 
     @contextmanager
     def sampling_with(self, settings: SamplerSettings) -> Iterator[None]:
@@ -66,8 +98,14 @@ class DiffusionSegmentationNetwork(nn.Module):
         self.codec = MaskCodec(self.codec.num_channels, activation, self.codec.ignore_label)
         self.uses_sigmoid.fill_(activation == "sigmoid")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A checkpoint without the default-sampling buffers (written before they existed) gets all T steps."""
+        if not any(prefix + name in state_dict for name in DEFAULT_SAMPLING_BUFFERS):
+            self.set_default_sampling(SamplerSettings("ddim", self.num_timesteps))
+            state_dict = {**state_dict, **{prefix + name: getattr(self, name) for name in DEFAULT_SAMPLING_BUFFERS}}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self.codec = MaskCodec(self.codec.num_channels, "sigmoid" if bool(self.uses_sigmoid) else "softmax",
                                self.codec.ignore_label)
 
@@ -110,7 +148,7 @@ class DiffusionSegmentationNetwork(nn.Module):
         if not torch.isfinite(image).all():
             raise ValueError("the image holds NaN or inf voxels after nnU-Net's preprocessing, so every sampled "
                              "probability would be NaN; replace them in the input image (e.g. numpy.nan_to_num)")
-        logits = self.sample(image, self.sampler_settings or SamplerSettings.from_environment(self.num_timesteps))
+        logits = self.sample(image, self.sampler_settings or self.prediction_settings())
         # with deep supervision on (nnU-Net's validation during training) the caller expects a list, full
         # resolution first; sampling produces only that one
         return [logits] if self.unet.decoder.deep_supervision else logits

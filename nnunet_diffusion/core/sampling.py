@@ -1,15 +1,19 @@
 """Sampler settings chosen at prediction time, without retraining, through environment variables.
 
-nnU-Net's predictor only calls `network(x)`, so, like `nnUNet_compile`, these settings travel as documented
-environment variables and are read (and validated) at every sampling call; code that drives the predictor in
-its own process passes a `SamplerSettings` instead (`DiffusionSegmentationNetwork.sampling_with`):
+Every model carries its default sampling in its checkpoint (the trainer's `default_sampling_steps`,
+`default_sampler`, `default_early_exit`). nnU-Net's predictor only calls `network(x)`, so, like `nnUNet_compile`,
+overrides travel as documented environment variables, read (and validated) at every sampling call; code that
+drives the predictor in its own process passes a `SamplerSettings` instead
+(`DiffusionSegmentationNetwork.sampling_with`):
 
-- `nnUNet_diffusion_sampler`: `ddim` (default, η = 0) or `ddpm`
-- `nnUNet_diffusion_steps`: number of sampling steps K, 1..T (default: T, the training timesteps)
+- `nnUNet_diffusion_sampler`: `ddim` (η = 0) or `ddpm` (default: the model's, DDIM for every trainer)
+- `nnUNet_diffusion_steps`: number of sampling steps K, 1..T (default: the model's; T, the training timesteps,
+  for models trained from scratch, 1 for recycling fine-tuned from a stock model)
 - `nnUNet_diffusion_seed`: integer; every network call then starts from the same seeded noise, so predictions
   are reproducible and independent of tile and case order (unset: fresh noise per call)
 - `nnUNet_diffusion_early_exit`: tolerance in [0, 1]; stop once at most this fraction of voxels changes its
-  label between two consecutive x0 estimates (0: none changes; unset: always run K steps)
+  label between two consecutive x0 estimates (0: none changes; unset: the model's, which for every trainer is
+  to run all K steps)
 """
 from __future__ import annotations
 
@@ -47,12 +51,14 @@ class SamplerSettings:
         return self
 
     @classmethod
-    def from_environment(cls, num_timesteps: int) -> "SamplerSettings":
-        """Read and validate the nnUNet_diffusion_* variables for a model trained with `num_timesteps` steps."""
-        sampler = os.environ.get(ENV_SAMPLER, "ddim").strip().lower()
-        steps = _parse(ENV_STEPS, int, str(num_timesteps))
-        seed = _parse(ENV_SEED, int, None)
-        tolerance = _parse(ENV_EARLY_EXIT, float, None)
+    def from_environment(cls, num_timesteps: int, default: "SamplerSettings | None" = None) -> "SamplerSettings":
+        """Read and validate the nnUNet_diffusion_* variables for a model trained with `num_timesteps` steps; what
+        is unset comes from `default` (the model's; without one DDIM over all T steps)."""
+        default = default or cls("ddim", num_timesteps)
+        sampler = os.environ.get(ENV_SAMPLER, "").strip().lower() or default.sampler
+        steps = _parse(ENV_STEPS, int, default.steps)
+        seed = _parse(ENV_SEED, int, default.seed)
+        tolerance = _parse(ENV_EARLY_EXIT, float, default.early_exit_tolerance)
         return cls(sampler=sampler, steps=steps, seed=seed, early_exit_tolerance=tolerance).checked_for(num_timesteps)
 
 
@@ -65,10 +71,10 @@ def check_environment(num_timesteps: int) -> SamplerSettings:
         raise SystemExit(f"nnunet-diffusion: {error}") from None
 
 
-def _parse(name: str, kind: type, default: str | None):
-    raw = os.environ.get(name, default)
-    if raw is None or raw == "":
-        return None if default is None else kind(default)
+def _parse(name: str, kind: type, default: int | float | None):
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
     try:
         return kind(raw)
     except ValueError:

@@ -22,7 +22,6 @@ from nnunetv2.ensembling.ensemble import merge_files
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from scipy.special import xlogy
 
-from nnunet_diffusion.core.sampling import SamplerSettings
 from nnunet_diffusion.evaluation.model_folders import find_cases, read_model_folder
 from nnunet_diffusion.evaluation.step_prediction import (diffusion_network, export, load_predictor, preprocess,
                                                         read_probabilities)
@@ -126,7 +125,7 @@ def predict_uncertainty(model_folder: str | Path, images: str | Path, output: st
     cases = find_cases(images, ending, len(model.dataset_json["channel_names"]))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    chosen = SamplerSettings.from_environment(network.num_timesteps)
+    chosen = network.prediction_settings()
     chosen = replace(chosen, **{k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})
     maps = []
     with tempfile.TemporaryDirectory(prefix="nnunet_diffusion_samples_") as scratch:

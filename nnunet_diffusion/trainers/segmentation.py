@@ -18,7 +18,7 @@ from torch import nn
 from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.losses import DiceFocalLoss, per_sample_cross_entropy
 from nnunet_diffusion.core.masks import MaskCodec, full_resolution
-from nnunet_diffusion.core.sampling import check_environment
+from nnunet_diffusion.core.sampling import SamplerSettings, check_environment
 from nnunet_diffusion.core.scheduler import DiffusionScheduler
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.strategies import (PlainDiffusion, Recycling, RecyclingAllSteps, RecyclingNext,
@@ -47,6 +47,10 @@ class nnUNetTrainerDiff(PluginTrainer):
     x0_deep_supervision = False  # nnU-Net's deep-supervision loss on the decoder's lower-resolution x0 logits
     timestep_sampling = "uniform"  # or "loss_aware" (see core/timesteps.py)
     training_epochs: int | None = None  # None keeps nnU-Net's 1000; fine-tuning and the short schedules set it
+    # what plain nnUNetv2_predict runs, saved in the checkpoint (nnUNet_diffusion_* override it); None: all T steps
+    default_sampling_steps: int | None = None
+    default_sampler = "ddim"
+    default_early_exit: float | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -73,7 +77,14 @@ class nnUNetTrainerDiff(PluginTrainer):
         return DiffusionSegmentationNetwork(unet, num_input_channels, MaskCodec(num_output_channels),
                                             make_alphas_cumprod(cls.noise_schedule, cls.num_timesteps),
                                             self_conditioning=cls.strategy_class.needs_self_condition_channels,
-                                            time_conditioning=cls.time_conditioning)
+                                            time_conditioning=cls.time_conditioning,
+                                            default_sampling=cls.default_sampling())
+
+    @classmethod
+    def default_sampling(cls) -> SamplerSettings:
+        """The sampling this trainer's models predict with by default."""
+        return SamplerSettings(cls.default_sampler, cls.default_sampling_steps or cls.num_timesteps, None,
+                               cls.default_early_exit)
 
     def initialize(self):
         super().initialize()
