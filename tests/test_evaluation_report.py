@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_diffusion.evaluation.report import plot_metric_vs_step, records_table, write_csv, write_json
+from nnunet_diffusion.evaluation.report import (TRAINER_COLOURS, plot_metric_vs_step, records_table, trainer_colour,
+                                               write_csv, write_json)
 from nnunet_diffusion.evaluation.seeds import seed_spread
 
 ROWS = [
@@ -89,3 +90,11 @@ def test_seed_spread_skips_nan_seeds():
 def test_seed_spread_rejects_bad_input(dice: np.ndarray, match: str):
     with pytest.raises(ValueError, match=match):
         seed_spread(dice)
+
+
+def test_a_trainer_has_one_colour_in_every_figure_and_the_main_trainers_differ():
+    assert trainer_colour("nnUNetTrainer") == trainer_colour("nnUNetTrainer (ddim)") == "tab:gray"
+    assert trainer_colour("nnUNetTrainerDiffRecycle (ddpm): early exit") == TRAINER_COLOURS["nnUNetTrainerDiffRecycle"]
+    assert len(set(TRAINER_COLOURS.values())) == len(TRAINER_COLOURS)
+    arm = "nnUNetTrainerDiffRecycleFinetune_5epochs + nnUNetTrainer"
+    assert trainer_colour(arm) == trainer_colour(arm + " (ddim)") not in TRAINER_COLOURS.values()

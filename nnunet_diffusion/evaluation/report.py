@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nnunet_diffusion import utils
+
+
+# One colour per trainer in every figure of every report, so that a trainer is recognised across pages; others
+# (short schedules, ensembles, ablations) get a colour from their name, the same one in every figure.
+TRAINER_COLOURS = {"nnUNetTrainer": "tab:gray", "nnUNetTrainerDiff": "tab:blue",
+                   "nnUNetTrainerDiffRecycle": "tab:orange", "nnUNetTrainerDiffRecycleAllT": "tab:green", "nnUNetTrainerDiffRecycleFinetune": "tab:red",
+                   "nnUNetTrainerStockContinue": "tab:brown", "nnUNetTrainerDiffSelfCond": "tab:purple"}
+OTHER_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "navy", "gold", "teal", "crimson", "darkkhaki", "indigo",
+                 "lightcoral", "darkgreen", "chocolate")
+
+
+def trainer_colour(label: str) -> str:
+    """The colour of the model a plot label names (what precedes " (sampler)" or ": run")."""
+    model = label.split(" (")[0].split(": ")[0]
+    return TRAINER_COLOURS.get(model) or OTHER_COLOURS[zlib.crc32(model.encode()) % len(OTHER_COLOURS)]
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -64,7 +80,7 @@ def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_
     axes = figure.add_subplot()
     for name, values in curves.items():
         steps = np.arange(1, len(values) + 1)
-        axes.plot(steps, np.asarray(values, dtype=float), marker="o", label=name)
+        axes.plot(steps, np.asarray(values, dtype=float), marker="o", label=name, color=trainer_colour(name))
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.xaxis.get_major_locator().set_params(integer=True)
@@ -88,11 +104,12 @@ def plot_dice_vs_time(rows: Sequence[Mapping[str, Any]], out_png: str | Path) ->
         line = [r for r in group if str(r["run"]).startswith("K = ")]
         label = model if sampler == "-" else f"{model} ({sampler})"
         if line:
-            axes.plot([r["seconds_per_case"] for r in line], [r["Dice"] for r in line], marker="o", label=label)
+            axes.plot([r["seconds_per_case"] for r in line], [r["Dice"] for r in line], marker="o", label=label,
+                      color=trainer_colour(model))
         for r in group:
             if r not in line:
                 axes.scatter([r["seconds_per_case"]], [r["Dice"]], marker="*" if sampler != "-" else "s",
-                             label=f"{label}: {r['run']}")
+                             label=f"{label}: {r['run']}", color=trainer_colour(model))
     axes.set_xlabel("predict seconds per case")
     axes.set_ylabel("mean Dice")
     axes.grid(alpha=0.3)
