@@ -1,14 +1,15 @@
 """Prediction cost of a diffusion model against the stock model, as a user meets it: the stock command.
 
 Both models (nnUNetv2_train output folders of the same dataset and configuration) predict the same images with
-`nnUNetv2_predict_from_modelfolder`, alternating round by round, with test-time mirroring on and off, and the
-diffusion model also with early exit (`nnUNet_diffusion_early_exit`). Per run it records
+`nnUNetv2_predict_from_modelfolder`, alternating round by round, with test-time mirroring on and off
+(`--mirroring`); the diffusion model at its own default sampling (what its checkpoint carries) and, on request, at
+other step counts (`--steps`) and with early exit (`--early-exit`). Per run it records
 
 - the wall clock of the whole command (nnU-Net's default preprocessing/export processes, start-up included),
 - the network time per case, from nnU-Net's own `Predicting <case>` / `done with <case>` lines, timestamped as
   they arrive (so the first case can be compared with the others),
 - the CPU time of the command and its children (user + system, all threads),
-- with `--reference`, the mean Dice of the written segmentations (early exit's cost).
+- with `--reference`, the mean Dice of the written segmentations (the cost of fewer steps or of early exit).
 
 The ratios diffusion / stock are printed as a Markdown table. `--device cuda` runs the same commands on a GPU,
 where nnU-Net's predictor uses AMP by itself.
@@ -52,14 +53,19 @@ class Measurement:
     dice: float | None = None
 
 
-def variants(early_exit: float, steps: int | None) -> list[Variant]:
-    sampling = {ENV_SEED: "0", **({ENV_STEPS: str(steps)} if steps else {})}
+def variants(early_exit: float | None, steps: list[int], mirroring: tuple[bool, ...]) -> list[Variant]:
+    """Stock, the diffusion model at its own default sampling (what plain `nnUNetv2_predict` runs), at each of
+    `steps`, and with early exit; each with and without mirroring."""
     out = []
-    for mirroring in (True, False):
-        out += [Variant(f"stock{'' if mirroring else ', no mirroring'}", "stock", mirroring),
-                Variant(f"diffusion{'' if mirroring else ', no mirroring'}", "diffusion", mirroring, sampling),
-                Variant(f"diffusion, early exit {early_exit}{'' if mirroring else ', no mirroring'}", "diffusion",
-                        mirroring, {**sampling, ENV_EARLY_EXIT: str(early_exit)})]
+    for mirror in mirroring:
+        suffix = "" if mirror else ", no mirroring"
+        out += [Variant(f"stock{suffix}", "stock", mirror),
+                Variant(f"diffusion, its default{suffix}", "diffusion", mirror, {ENV_SEED: "0"})]
+        out += [Variant(f"diffusion, {k} steps{suffix}", "diffusion", mirror, {ENV_SEED: "0", ENV_STEPS: str(k)})
+                for k in steps]
+        if early_exit is not None:
+            out.append(Variant(f"diffusion, early exit {early_exit}{suffix}", "diffusion", mirror,
+                               {ENV_SEED: "0", ENV_EARLY_EXIT: str(early_exit)}))
     return out
 
 
@@ -105,10 +111,10 @@ def mean_dice(predictions: Path, reference: Path) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Measurement]:
     folders = {"stock": args.stock, "diffusion": args.diffusion}
-    measured = {v.name: Measurement() for v in variants(args.early_exit, args.steps)}
+    measured = {v.name: Measurement() for v in variants(args.early_exit, args.steps, args.mirroring)}
     with tempfile.TemporaryDirectory(prefix="nnunet_diffusion_bench_predict_") as scratch:
         for round_index in range(args.warmup + args.repeats):
-            order = variants(args.early_exit, args.steps)
+            order = variants(args.early_exit, args.steps, args.mirroring)
             order = order[round_index % len(order):] + order[:round_index % len(order)]
             for variant in order:
                 output = Path(scratch) / f"{round_index}" / variant.name.replace(" ", "_").replace(",", "")
@@ -157,14 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-r", "--reference", type=Path, help="reference segmentations, to report Dice")
     parser.add_argument("-f", "--folds", nargs="+", default=["0"])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--early-exit", type=float, default=0.001, help="nnUNet_diffusion_early_exit tolerance")
-    parser.add_argument("--steps", type=int, help="nnUNet_diffusion_steps (default: the model's T)")
+    parser.add_argument("--early-exit", type=float, help="also with this nnUNet_diffusion_early_exit tolerance")
+    parser.add_argument("--steps", type=int, nargs="+", default=[], help="also with these nnUNet_diffusion_steps "
+                        "(the model's default sampling, from its checkpoint, always runs)")
+    parser.add_argument("--mirroring", choices=("both", "on", "off"), default="both",
+                        help="test-time mirroring of every run (default: both, each its own row)")
     parser.add_argument("--processes", type=int,
                         help="nnU-Net's -npp and -nps (default: nnU-Net's, 3 each); 1 shows what the background "
                              "preprocessing and export workers cost the first case")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
+    args.mirroring = {"both": (True, False), "on": (True,), "off": (False,)}[args.mirroring]
     for folder in (args.stock, args.diffusion):
         if not (folder / "plans.json").is_file():
             raise SystemExit(f"{folder} is not an nnUNetv2_train output folder (no plans.json)")

@@ -104,13 +104,14 @@ def _generated_workspace(scratch: Path, args: argparse.Namespace) -> Workspace:
     raw = generate_synthetic_dataset(scratch / "nnUNet_raw", SYNTHETIC_ID, SYNTHETIC_NAME, num_train=8, num_test=0,
                                      shape=(32, 32, 32), seed=0)
     preset = args.preset or DEFAULT_PRESET
-    plan_and_preprocess_with_preset(SYNTHETIC_ID, preset, scratch / "nnUNet_preprocessed", _run_quietly,
+    plan_and_preprocess_with_preset(SYNTHETIC_ID, preset, scratch / "nnUNet_preprocessed", run_quietly,
                                     processes=min(4, multiprocessing.cpu_count()))
     preprocessed = scratch / "nnUNet_preprocessed" / raw.name
     return _with_plans(raw.name, preprocessed, preset, args, generated=True)
 
 
-def _run_quietly(command: list[str]) -> None:
+def run_quietly(command: list[str]) -> None:
+    """A command whose output is shown only when it fails (nnU-Net's planning prints pages)."""
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
