@@ -1,4 +1,5 @@
-"""Probes and fine-tuning on pretraining checkpoints, loaded the way `nnUNetv2_train -pretrained_weights` does."""
+"""Probes and fine-tuning on pretraining checkpoints, loaded the way `nnUNetv2_train -pretrained_weights` does,
+trained with nnU-Net's loop and predicted with the stock `nnUNetv2_predict`."""
 from __future__ import annotations
 
 import shutil
@@ -9,20 +10,27 @@ import pytest
 import SimpleITK as sitk
 import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnunet_diffusion.pretraining.cached_probing import (cached_features, decoder_features_of, tile_starts,
                                                          train_head_on_cached)
 from nnunet_diffusion.pretraining.heads import (LinearProbeHead, NonLinearProbeHead, concatenated_levels,
                                                 head_on_voxels)
 from nnunet_diffusion.trainers.pretraining import PRETRAINING_TRAINERS, nnUNetTrainerDiffPretrain, nnUNetTrainerRestorePretrain
-from nnunet_diffusion.pretraining.network import decoder_level_channels
-from nnunet_diffusion.trainers.probes import (PROBE_TRAINERS, nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinear,
+from nnunet_diffusion.pretraining.network import BACKBONES, DIFFUSION_COORD, BackboneSpec, decoder_level_channels
+from nnunet_diffusion.trainers.probes import (OLD_NAME_TRAINERS, PROBE_TRAINERS, ProbeTrainer,
+                                              nnUNetTrainerProbeLinear, nnUNetTrainerProbeNonLinear,
                                               nnUNetTrainerProbeNonLinearCoord)
 from nnunet_diffusion.trainer_support import unwrap
-from nnunet_runs import CONFIGURATION, PLANS, model_folder, predict, train_in_process
+from nnunet_runs import CONFIGURATION, PLANS, model_folder, predict, predict_in_this_process, train_in_process
 
 TRAINERS_BY_NAME = {cls.__name__: cls for cls in PRETRAINING_TRAINERS + PROBE_TRAINERS}
-COORD_PROBES = ["nnUNetTrainerProbeNonLinearCoord", "nnUNetTrainerProbeLinearCoord", "nnUNetTrainerFinetuneCoord"]
+OLD_NAMES = {cls.__name__ for cls in OLD_NAME_TRAINERS}
+# Every kind of trainer on the coordinate-guided backbone; `nnUNetTrainerFinetuneCoord` is an old name, whose
+# checkpoints hold the earlier linear-head network.
+COORD_PRETRAINED = ["nnUNetTrainerProbeNonLinearCoord", "nnUNetTrainerProbeLinearCoord",
+                    "nnUNetTrainerPretrainedFinetuneCoord", "nnUNetTrainerFinetuneCoord"]
+COORD_RANDOM_INIT = "nnUNetTrainerPretrainedFinetuneRandomInitCoord"
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +39,23 @@ def coordinate_pretraining_checkpoint(coordinate_dataset) -> Path:
     return Path(trainer.output_folder) / "checkpoint_final.pth"
 
 
-def train_with_pretrained_weights(dataset, trainer_name: str, pretrained: Path | None, iterations: int = 2):
+def train_with_pretrained_weights(dataset, trainer_name: str, pretrained: Path | None, iterations: int = 2,
+                                  fold: int = 0):
     """nnUNetv2_train's own sequence (get_trainer_from_args, maybe_load_checkpoint, run_training), shortened.
-    Returns the trainer and its network's state dict right after the pretrained weights were loaded."""
+    Returns the trainer and its network's state dict right after the pretrained weights (if any) were loaded."""
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
-    shutil.rmtree(model_folder(dataset, trainer_name) / "fold_0", ignore_errors=True)
+    shutil.rmtree(model_folder(dataset, trainer_name) / f"fold_{fold}", ignore_errors=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("nnUNet_n_proc_DA", "0")
-        trainer = get_trainer_from_args(str(dataset.dataset_id), CONFIGURATION, 0, trainer_name, PLANS,
+        trainer = get_trainer_from_args(str(dataset.dataset_id), CONFIGURATION, fold, trainer_name, PLANS,
                                         device=torch.device("cpu"))
         trainer.num_iterations_per_epoch = iterations
         trainer.num_val_iterations_per_epoch = 1
         trainer.num_epochs = 1
         maybe_load_checkpoint(trainer, False, False, None if pretrained is None else str(pretrained))
-        loaded = {k: v.clone() for k, v in unwrap(trainer.network).state_dict().items()} \
-            if trainer.was_initialized else None
+        if not trainer.was_initialized:  # without -pretrained_weights nnU-Net initialises in run_training
+            trainer.initialize()
+        loaded = {k: v.clone() for k, v in unwrap(trainer.network).state_dict().items()}
         trainer.run_training()
     return trainer, loaded
 
@@ -169,7 +179,8 @@ def test_training_on_cached_features_changes_only_the_head_and_lowers_the_loss(p
     assert all(torch.equal(v, network.state_dict()[k]) for k, v in backbone.items())
 
 
-@pytest.mark.parametrize("probe_class", PROBE_TRAINERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("probe_class", [c for c in PROBE_TRAINERS if issubclass(c, ProbeTrainer)],
+                         ids=lambda c: c.__name__)
 def test_probe_backbone_keys_are_those_of_its_pretraining_network_and_only_the_head_is_new(probe_class,
                                                                                         preprocessed_plans):
     pretraining_class = TRAINERS_BY_NAME[probe_class.backbone.pretraining_trainer]
@@ -182,12 +193,9 @@ def test_probe_backbone_keys_are_those_of_its_pretraining_network_and_only_the_h
         assert key in pretrained and pretrained[key].shape == value.shape, key
     trainable = {name for name, p in probe.named_parameters() if p.requires_grad}
     assert all(".seg_layers." in name for name, _ in probe.head.named_parameters(prefix="head"))
-    if probe_class.freeze_backbone:
-        assert trainable == {name for name, _ in probe.head.named_parameters(prefix="head")}
-        probe.train()
-        assert probe.head.training and not probe.unet.training
-    else:
-        assert any(name.startswith("unet.encoder.") for name in trainable)
+    assert trainable == {name for name, _ in probe.head.named_parameters(prefix="head")}
+    probe.train()
+    assert probe.head.training and not probe.unet.training
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------------------
@@ -218,32 +226,85 @@ def test_a_probe_without_pretrained_weights_stops_before_training(coordinate_dat
 
 @pytest.fixture(scope="module")
 def probed(coordinate_dataset, coordinate_pretraining_checkpoint):
-    return {name: train_with_pretrained_weights(coordinate_dataset, name, coordinate_pretraining_checkpoint)
-            for name in COORD_PROBES}
+    trained = {name: train_with_pretrained_weights(coordinate_dataset, name, coordinate_pretraining_checkpoint)
+               for name in COORD_PRETRAINED}
+    return {**trained, COORD_RANDOM_INIT: train_with_pretrained_weights(coordinate_dataset, COORD_RANDOM_INIT, None)}
 
 
-@pytest.mark.parametrize("trainer_name", COORD_PROBES)
+def _final_weights(trainer) -> dict[str, torch.Tensor]:
+    return torch.load(f"{trainer.output_folder}/checkpoint_final.pth", weights_only=False)["network_weights"]
+
+
+@pytest.mark.parametrize("trainer_name", COORD_PRETRAINED)
 def test_probing_trains_the_head_only_and_fine_tuning_everything(probed, coordinate_pretraining_checkpoint,
                                                                  trainer_name):
+    """The new layers are the keys with `.seg_layers.` (a probe's head, the fine-tuned UNet's output layers);
+    -pretrained_weights filled every other one."""
     trainer, loaded = probed[trainer_name]
     pretrained = torch.load(coordinate_pretraining_checkpoint, weights_only=False)["network_weights"]
-    final = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", weights_only=False)["network_weights"]
+    final = _final_weights(trainer)
     backbone = [k for k in final if ".seg_layers." not in k]
-    head = [k for k in final if k.startswith("head.")]
-    assert all(torch.equal(loaded[k], pretrained[k]) for k in backbone)  # -pretrained_weights filled the backbone
-    assert any(not torch.equal(final[k], loaded[k]) for k in head)
+    new_layers = [k for k in final if k.startswith("head.")] or [k for k in final if ".seg_layers." in k]
+    assert all(torch.equal(loaded[k], pretrained[k]) for k in backbone)
+    assert any(not torch.equal(final[k], loaded[k]) for k in new_layers)
     weights_changed = [not torch.equal(final[k], pretrained[k]) for k in backbone if k.startswith("unet.")]
-    assert any(weights_changed) != trainer.freeze_backbone  # frozen backbones are bit-identical
+    assert any(weights_changed) != getattr(trainer, "freeze_backbone", False)  # frozen backbones are bit-identical
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in trainer.network.parameters() if p.requires_grad}
-    assert trainer.logger.get_value("lrs", step=0) == trainer.learning_rate
+    assert trainer.logger.get_value("lrs", step=0) == trainer.learning_rate  # fine-tuning: 1 epoch, all warm-up
 
 
-def test_the_probe_predicts_with_stock_nnunetv2_predict(coordinate_dataset, probed, tmp_path):
-    """The test images of the coordinate dataset carry their coordinate channels, as add-coordinates writes them
-    for new images."""
-    predict(coordinate_dataset, "nnUNetTrainerProbeNonLinearCoord", tmp_path / "pred", extra=["--disable_tta"])
+def test_fine_tuning_trains_the_whole_unet_with_deep_supervision(probed):
+    trainer, _ = probed["nnUNetTrainerPretrainedFinetuneCoord"]
+    assert trainer.enable_deep_supervision and isinstance(trainer.loss, DeepSupervisionWrapper)
+    assert all(p.requires_grad for p in trainer.network.parameters())
+
+
+def test_the_random_init_control_trains_without_pretrained_weights(probed, coordinate_pretraining_checkpoint):
+    trainer, loaded = probed[COORD_RANDOM_INIT]
+    pretrained = torch.load(coordinate_pretraining_checkpoint, weights_only=False)["network_weights"]
+    assert not bool(loaded["holds_pretrained_weights"])
+    assert not any(torch.equal(loaded[k], pretrained[k]) for k in loaded if k.endswith("conv.weight"))
+    final = _final_weights(trainer)
+    assert any(not torch.equal(final[k], loaded[k]) for k in final if k.startswith("unet.encoder."))
+
+
+def test_the_random_init_control_refuses_pretrained_weights(coordinate_dataset, coordinate_pretraining_checkpoint):
+    with pytest.raises(RuntimeError, match="from random weights.*drop -pretrained_weights.*"
+                                           "nnUNetTrainerPretrainedFinetuneCoord"):
+        train_with_pretrained_weights(coordinate_dataset, COORD_RANDOM_INIT, coordinate_pretraining_checkpoint,
+                                      fold=1)  # fold 0 is the trained control
+
+
+@pytest.mark.parametrize("trainer_name", [*COORD_PRETRAINED, COORD_RANDOM_INIT])
+def test_every_probe_and_fine_tuning_predicts_with_stock_nnunetv2_predict(coordinate_dataset, probed, tmp_path,
+                                                                         trainer_name):
+    """nnU-Net's predictor builds the network of the class the checkpoint names; a checkpoint of an old name is
+    predicted in a new process, as it would be after an upgrade. The test images of the coordinate dataset carry
+    their coordinate channels, as add-coordinates writes them for new images."""
+    trainer, _ = probed[trainer_name]
+    assert torch.load(f"{trainer.output_folder}/checkpoint_final.pth", weights_only=False)["trainer_name"] == \
+        trainer_name
+    run_predictor = predict if trainer_name in OLD_NAMES else predict_in_this_process
+    run_predictor(coordinate_dataset, trainer_name, tmp_path / "pred", extra=["--disable_tta"])
     for image in sorted(coordinate_dataset.test_images.glob("*_0000.nii.gz")):
         prediction = sitk.ReadImage(str(tmp_path / "pred" / image.name.replace("_0000", "")))
         assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()
         assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("backbone", [spec for spec in BACKBONES if spec is not DIFFUSION_COORD],
+                         ids=lambda spec: spec.pretraining_trainer)
+def test_fine_tuning_and_its_control_on_the_other_backbones_train_and_predict(backbone: BackboneSpec, request,
+                                                                              tmp_path):
+    """The coordinate-guided backbone's trainers are checked above; these differ from them in what the network
+    reads (no time input for the restorative backbones, no coordinates without `Coord`)."""
+    dataset = request.getfixturevalue("coordinate_dataset" if backbone.coordinates else "demo_dataset")
+    pretraining = train_in_process(dataset, backbone.pretraining_trainer, iterations=1)
+    finetune = f"nnUNetTrainerPretrainedFinetune{backbone.trainer_suffix}"
+    control = f"nnUNetTrainerPretrainedFinetuneRandomInit{backbone.trainer_suffix}"
+    for name, weights in ((finetune, Path(pretraining.output_folder) / "checkpoint_final.pth"), (control, None)):
+        _, loaded = train_with_pretrained_weights(dataset, name, weights)
+        assert bool(loaded["holds_pretrained_weights"]) == (weights is not None)
+        predict_in_this_process(dataset, name, tmp_path / name, extra=["--disable_tta"])
+        assert len(list((tmp_path / name).glob("*.nii.gz"))) == len(list(dataset.test_images.glob("*_0000.nii.gz")))

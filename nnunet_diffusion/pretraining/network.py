@@ -1,16 +1,19 @@
-"""Pretraining networks and the probe networks that reuse them through nnU-Net's `-pretrained_weights`.
+"""Pretraining networks and the probe and fine-tuning networks that reuse them through `-pretrained_weights`.
 
-Both are built on `PretrainedBackbone`: nnU-Net's planned UNet (optionally time-conditioned with FiLM, as the
+All are built on `PretrainedBackbone`: nnU-Net's planned UNet (optionally time-conditioned with FiLM, as the
 diffusion segmentation networks are) and, for coordinate-guided backbones, the dataset's last three channels
 (anatomical coordinates from `nnunet-diffusion add-coordinates`) as extra UNet inputs and as a per-voxel
 modulation after every normalisation layer (`coordinate_modulation.py`); only the image channels are noised or
 distorted. A probe network is the same backbone (identical state-dict keys) plus a head
 under `head.seg_layers.*`, so `load_pretrained_weights` copies every backbone tensor and leaves only the head
 random. The UNet's own `decoder.seg_layers` (the pretext output layer) is skipped by it too and unused by probes.
+A fine-tuning network is the same backbone whose `decoder.seg_layers` output the classes instead (with nnU-Net's
+deep supervision), so `load_pretrained_weights` copies the whole pretrained network except the pretext output layer.
 
 Two persistent buffers make checkpoints self-describing: `holds_pretrained_weights` is True in a pretraining
-network and False in a freshly built probe, so a probe knows whether `-pretrained_weights` filled its backbone;
-`num_timesteps` (time-conditioned backbones) carries the pretraining T, which fixes how timestep 0 is embedded.
+network and False in a freshly built probe or fine-tuning network, so a trainer knows whether
+`-pretrained_weights` filled it; `num_timesteps` (time-conditioned backbones) carries the pretraining T, which
+fixes how timestep 0 is embedded.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from nnunet_diffusion.pretraining.coordinate_modulation import (COORDINATE_CHANN
 from nnunet_diffusion.pretraining.heads import LinearProbeHead, NonLinearProbeHead
 
 EMBEDDING_DIM = 128
-PROBE_TIMESTEP = 0  # probes see the clean image at the smallest pretraining timestep
+CLEAN_IMAGE_TIMESTEP = 0  # probes and fine-tuning see the clean image at the smallest pretraining timestep
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,9 @@ class BackboneSpec:
 
     @property
     def probe_trainers(self) -> tuple[str, ...]:
+        """The trainers that take a checkpoint of this pretraining as `-pretrained_weights`."""
         return tuple(f"nnUNetTrainer{kind}{self.trainer_suffix}" for kind in ("ProbeNonLinear", "ProbeLinear",
-                                                                             "Finetune"))
-
+                                                                             "PretrainedFinetune"))
 
     def image_channels(self, num_input_channels: int) -> int:
         """The channels that are image (noised, distorted, reconstructed): all but the coordinates."""
@@ -113,6 +116,13 @@ class PretrainedBackbone(nn.Module):
                 stack.enter_context(conditioned_on(self.context, embedding))
             return self.unet(unet_input)
 
+    def clean_forward(self, inputs: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """UNet output for nnU-Net's (clean) input, at timestep CLEAN_IMAGE_TIMESTEP when time-conditioned."""
+        t = None
+        if self.time_embedding is not None:
+            t = torch.full((inputs.shape[0],), CLEAN_IMAGE_TIMESTEP, device=inputs.device, dtype=torch.long)
+        return self.backbone_forward(inputs[:, :self.num_image_channels], inputs, t)
+
 
 class PretrainingNetwork(PretrainedBackbone):
     """The pretext network: `forward(image, corrupted, t)` predicts the pretext target (ε or the clean patch).
@@ -146,7 +156,7 @@ class ProbeNetwork(PretrainedBackbone):
     """Backbone + head: `forward(image)` → logits (B, classes, *spatial), as nnU-Net's predictor expects.
 
     Features are the outputs of every decoder stage (captured with forward hooks) for the clean image at
-    timestep PROBE_TIMESTEP (and its coordinates, for a coordinate-guided backbone). With `freeze_backbone` the
+    timestep CLEAN_IMAGE_TIMESTEP (and its coordinates, for a coordinate-guided backbone). With `freeze_backbone` the
     backbone never gets gradients and stays in eval mode even when nnU-Net calls `network.train()`.
     """
 
@@ -176,10 +186,8 @@ class ProbeNetwork(PretrainedBackbone):
         captured: list[torch.Tensor] = []
         hooks = [stage.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
                  for stage in self.unet.decoder.stages]
-        t = torch.full((inputs.shape[0],), PROBE_TIMESTEP, device=inputs.device, dtype=torch.long)
         try:
-            self.backbone_forward(inputs[:, :self.num_image_channels], inputs,
-                                  t if self.time_embedding is not None else None)
+            self.clean_forward(inputs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -191,6 +199,24 @@ class ProbeNetwork(PretrainedBackbone):
         return self.head(features, inputs.shape[2:])
 
 
+class FinetuneNetwork(PretrainedBackbone):
+    """The pretrained network as a segmentation network: `forward(image)` → the UNet's logits for the clean
+    image at timestep CLEAN_IMAGE_TIMESTEP (and its coordinates); with deep supervision a list over the decoder
+    stages, finest first, as nnU-Net's loss expects.
+
+    `num_timesteps` (time-conditioned backbones) is the T that embeds timestep 0 until `-pretrained_weights`
+    replaces it by the checkpoint's, along with every other tensor but the output layers (`unet.decoder.seg_layers`).
+    """
+
+    def __init__(self, unet: nn.Module, spec: BackboneSpec, num_image_channels: int, num_timesteps: int | None):
+        super().__init__(unet, spec, num_image_channels)
+        if spec.time_conditioning:
+            self.num_timesteps.fill_(num_timesteps)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.clean_forward(inputs)
+
+
 def decoder_level_channels(unet: nn.Module) -> list[int]:
     """Channels of the decoder stage outputs, coarsest first (each stage outputs its skip's width)."""
     encoder_channels = unet.encoder.output_channels
@@ -198,12 +224,13 @@ def decoder_level_channels(unet: nn.Module) -> list[int]:
 
 
 def _build_unet(spec: BackboneSpec, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                num_input_channels: int) -> tuple[nn.Module, int]:
-    """The planned UNet reading every input channel, with one pretext output per image channel; and how many
-    image channels there are."""
+                num_input_channels: int, num_outputs: int | None = None, deep_supervision: bool = False
+                ) -> tuple[nn.Module, int]:
+    """The planned UNet reading every input channel, with `num_outputs` output channels (default: one pretext
+    output per image channel); and how many image channels there are."""
     image_channels = spec.image_channels(num_input_channels)
-    unet = build_unet_from_plans(plans_manager, configuration_manager, num_input_channels, image_channels,
-                                 deep_supervision=False)
+    unet = build_unet_from_plans(plans_manager, configuration_manager, num_input_channels,
+                                 num_outputs or image_channels, deep_supervision=deep_supervision)
     return unet, image_channels
 
 
@@ -224,3 +251,13 @@ def build_probe_network(spec: BackboneSpec, plans_manager: PlansManager, configu
         raise ValueError(f"unknown probe head {head_kind!r}; choose one of {', '.join(heads)}")
     head = heads[head_kind](decoder_level_channels(unet), num_classes, len(configuration_manager.patch_size))
     return ProbeNetwork(unet, spec, image_channels, head, freeze_backbone)
+
+
+def build_finetune_network(spec: BackboneSpec, plans_manager: PlansManager,
+                           configuration_manager: ConfigurationManager, num_input_channels: int, num_classes: int,
+                           deep_supervision: bool, num_timesteps: int | None) -> FinetuneNetwork:
+    """A segmentation network whose keys and shapes equal those of `build_pretraining_network(spec, ...)` except
+    the output layers (`unet.decoder.seg_layers`, one per class)."""
+    unet, image_channels = _build_unet(spec, plans_manager, configuration_manager, num_input_channels, num_classes,
+                                       deep_supervision)
+    return FinetuneNetwork(unet, spec, image_channels, num_timesteps)
