@@ -24,7 +24,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS
 from nnunet_diffusion.pretraining.network import BACKBONES
 from nnunet_diffusion.trainers.finetune import FINETUNE_FROM_VARIABLE, FINETUNE_TRAINERS
-from nnunet_diffusion.trainers.probes import PROBE_TRAINERS
+from nnunet_diffusion.trainers.probes import OLD_NAME_TRAINERS, PROBE_TRAINERS, RandomInit
 from nnunet_diffusion.trainers.segmentation import STRATEGY_TRAINERS
 from nnunet_runs import CONFIGURATION, PLANS, Dataset, model_folder, train_in_process
 
@@ -81,7 +81,10 @@ RESUMED_TRAINERS = [
     *(cls.__name__ for cls in STRATEGY_TRAINERS), "nnUNetTrainerDiffRecycleNoTime", "nnUNetTrainerDiffRecycleFocal",
     "nnUNetTrainerDiffRecycleDS", "nnUNetTrainerDiffRecycleAllT", "nnUNetTrainerDiffRecycleImportance",
     "nnUNetTrainerBPR", "nnUNetTrainerDiffPretrain", "nnUNetTrainerDiffPretrainCoord", "nnUNetTrainerRestorePretrain",
-    "nnUNetTrainerRestorePretrainCoord", *(cls.__name__ for cls in PROBE_TRAINERS), "nnUNetTrainerDiffRecycleFinetune"]
+    "nnUNetTrainerRestorePretrainCoord", *(cls.__name__ for cls in PROBE_TRAINERS + OLD_NAME_TRAINERS),
+    "nnUNetTrainerDiffRecycleFinetune"]
+PRETRAINED_STARTS = {cls.__name__: cls.backbone for cls in PROBE_TRAINERS + OLD_NAME_TRAINERS
+                     if not issubclass(cls, RandomInit)}
 
 
 def _dataset_of(trainer_name: str, request: pytest.FixtureRequest) -> Dataset:
@@ -106,8 +109,9 @@ def pretraining_checkpoints(request) -> dict[str, Path]:
 
 
 def _pretrained_weights(trainer_name: str, request: pytest.FixtureRequest) -> str | None:
-    """What `nnUNetv2_train -pretrained_weights` gets for this trainer: a probe needs its backbone's checkpoint."""
-    backbone = next((spec for spec in BACKBONES if trainer_name in spec.probe_trainers), None)
+    """What `nnUNetv2_train -pretrained_weights` gets for this trainer: a probe or fine-tuning (not its random-init
+    control) needs its backbone's checkpoint."""
+    backbone = PRETRAINED_STARTS.get(trainer_name)
     if backbone is None:
         return None
     return str(request.getfixturevalue("pretraining_checkpoints")[backbone.pretraining_trainer])
