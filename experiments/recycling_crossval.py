@@ -24,7 +24,8 @@ Studies (each one `nnunet-diffusion crossval` command, printed before it runs; r
 - `route`: every fold, the recommended route against its controls: stock; recycling fine-tuned from the fold's
   stock model and the stock model trained on without diffusion (`nnUNetTrainerStockContinue`), both for a
   quarter of the from-scratch budget at the fine-tuning rate and schedule; recycling from scratch; the ensembles
-  with stock, each also after nnU-Net's postprocessing. DDIM only (the default sampler), every step scored.
+  with stock, each also after nnU-Net's postprocessing; fine-tuned − continuation and the two ensembles against
+  each other beside the engine's own pairs. DDIM only (the default sampler), every step scored.
 
 Everything goes under --workdir: `raw/`, `preprocessed/`, `<study>/` (the crossval outputs and their trainings).
 A run may span machines: `--kept DIR` copies the scores kept in DIR (`units/**/unit.json`, `ensemble.json`, as
@@ -155,8 +156,9 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
                          "--trainer-epochs", *(f"{t}={e}" for t, e in FINETUNE_ARMS.items()))]
     if study == "route":
         short = max(1, args.epochs // 4)
-        return [crossval(recipe, workdir, study_output("route", args), [FINETUNE, STOCK_CONTINUE, RECYCLE], folds,
+        return [crossval(recipe, workdir, study_output("route", args), [RECYCLE, FINETUNE, STOCK_CONTINUE], folds,
                          args, "--trainer-epochs", f"{FINETUNE}={short}", f"{STOCK_CONTINUE}={short}",
+                         "--compare", f"{FINETUNE}:{STOCK_CONTINUE}", f"{FINETUNE} + {STOCK}:{RECYCLE} + {STOCK}",
                          "--postprocessing", samplers=("ddim",))]
     models = cv_output if args.seed_models == "cv" else f"curves/epochs_{args.epochs}"
     return [crossval(recipe, workdir, f"seeds/{models.replace('/', '_')}", [DIFF, RECYCLE], args.folds or [0], args,

@@ -118,6 +118,10 @@ def test_units_go_fold_by_fold_baseline_first_and_repeat_only_where_asked(tmp_pa
     assert comparison_pairs(_cv(tmp_path, trainers=("R",), postprocessing=True)) == [
         ("R", "S"), ("R + S", "S"), ("R + S", "R"), ("R (postprocessed)", "S (postprocessed)"),
         ("R + S (postprocessed)", "S (postprocessed)"), ("R + S (postprocessed)", "R (postprocessed)")]
+    compared = _cv(tmp_path, trainers=("D", "C", "R"), compare=(("R", "C"), ("R + S", "D + S"), ("R", "S")))
+    assert comparison_pairs(compared)[-2:] == [("R", "C"), ("R + S", "D + S")]  # ("R", "S") is there already
+    with pytest.raises(ValueError, match="--compare names C \\+ S, X"):
+        _cv(tmp_path, trainers=("D", "C", "R"), compare=(("X", "C + S"),))
 
 
 def test_trainer_epochs_change_only_the_epochs_of_the_named_trainers(tmp_path):

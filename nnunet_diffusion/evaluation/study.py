@@ -60,6 +60,7 @@ class Study:
     postprocessing: bool = False  # also score every final prediction after nnU-Net's postprocessing
     margin: float = 0.005  # Dice: differences inside ±margin are "on par"
     test_folder: bool = False  # held-out cases: one test folder for every fold (ablate), not the folds (crossval)
+    compare: tuple[tuple[str, str], ...] = ()  # further A − B pairs (models: trainers or "trainer + baseline")
 
     def __post_init__(self):
         if self.baseline in self.diffusion_trainers:
@@ -77,6 +78,12 @@ class Study:
             raise ValueError(f"--trainer-epochs names {', '.join(stray)}, which are not among the compared trainers")
         if self.trainer_epochs and self.budget is None:
             raise ValueError("--trainer-epochs changes the epochs of the --epochs budget; give --epochs too")
+        ensemble = f" + {self.baseline}"
+        stray = sorted({m for pair in self.compare for m in pair} - set(self.all_trainers)
+                       - {t + ensemble for t in self.diffusion_trainers})
+        if stray:
+            raise ValueError(f"--compare names {', '.join(stray)}, which are neither compared trainers nor a diffusion "
+                             f"trainer's ensemble 'TRAINER{ensemble}'")
         stray_folds = sorted(set(self.repeat_folds) - set(self.folds))
         if stray_folds:
             raise ValueError(f"--repeat-folds {stray_folds} are not among the folds {list(self.folds)}")

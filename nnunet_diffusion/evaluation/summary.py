@@ -91,14 +91,15 @@ def summarise(study: Study, units: Sequence[dict], derived: Sequence[dict]) -> d
 
 def comparison_pairs(study: Study) -> list[tuple[str, str]]:
     """A − B pairs the paper's claims need: each trainer against the baseline, later diffusion trainers against
-    earlier ones in the given order (e.g. Recycle − Diff when Diff comes first), and each ensemble against both
-    of its members; with postprocessing, the same pairs again after it."""
+    earlier ones in the given order (e.g. Recycle − Diff when Diff comes first), each ensemble against both of
+    its members, and the pairs `--compare` asks for; with postprocessing, the same pairs again after it."""
     diffusion = [t for t in study.trainers if t in study.diffusion_trainers]
     others = [t for t in study.trainers if t not in study.diffusion_trainers and t != study.baseline]
     pairs = [(t, study.baseline) for t in [*others, *diffusion]]
     pairs += [(later, earlier) for i, earlier in enumerate(diffusion) for later in diffusion[i + 1:]]
     for t in diffusion:
         pairs += [(f"{t} + {study.baseline}", study.baseline), (f"{t} + {study.baseline}", t)]
+    pairs += [pair for pair in study.compare if pair not in pairs]
     return pairs + [(a + POSTPROCESSED, b + POSTPROCESSED) for a, b in pairs if study.postprocessing]
 
 

@@ -20,6 +20,14 @@ def _trainer_epochs(text: str) -> tuple[str, int]:
     return trainer, int(epochs)
 
 
+def _model_pair(text: str) -> tuple[str, str]:
+    a, _, b = text.partition(":")
+    if not a or not b:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B, e.g. nnUNetTrainerDiffRecycleFinetune:"
+                                         f"nnUNetTrainerStockContinue")
+    return a, b
+
+
 def add_study_arguments(parser: argparse.ArgumentParser, folds: list[int], seeds: tuple[int, ...]) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name, as for nnUNetv2_train")
     parser.add_argument("-c", "--configuration", required=True, help="e.g. 3d_fullres, or 3d_cpu of a preset")
@@ -45,6 +53,9 @@ def add_study_arguments(parser: argparse.ArgumentParser, folds: list[int], seeds
                         "<results-root>/crossval_repeat_<r>")
     parser.add_argument("--postprocessing", action="store_true", help="also score every final prediction after "
                         "nnU-Net's postprocessing (largest connected component where it helps), decided per fold")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="A:B", type=_model_pair,
+                        help="further paired differences A − B to report (trainers, or 'TRAINER + BASELINE' for an "
+                        "ensemble), beyond each trainer against the baseline and each ensemble against its members")
     parser.add_argument("--margin", type=float, default=0.005, help="equivalence margin in Dice for the verdicts: "
                         "inside ±margin is on par (default 0.005)")
     parser.add_argument("-o", "--output", type=Path, required=True)
@@ -76,7 +87,7 @@ def comparison_from_args(args: argparse.Namespace, default_results: Path | None,
                   output, Path(results).resolve(), options_from_args(args, save_probabilities=True), budget,
                   args.repeats, tuple(args.repeat_trainers), tuple(args.repeat_folds), num_folds, group_pattern,
                   diffusion_trainers(trainers, args.baseline), tuple(args.trainer_epochs), args.postprocessing,
-                  args.margin, test_images is not None)
+                  args.margin, test_images is not None, tuple(args.compare))
     return Comparison(study, Path(nnUNet_raw) / dataset, Path(nnUNet_preprocessed) / dataset,
                       None if test_images is None else test_images.resolve(),
                       None if test_labels is None else test_labels.resolve()), execution
