@@ -41,7 +41,7 @@ def speed_up_input_convolution(unet: nn.Module, num_input_channels: int) -> None
 def pads_single_sample(x: torch.Tensor) -> bool:
     """Whether a no-grad CPU forward of one sample runs as a batch of two. PyTorch sends a narrow convolution of a
     single sample (nnU-Net's predictor feeds one tile at a time; batch × channels × depth × height ≤ 20480) to its
-    native kernel instead of oneDNN: the cpu_tiny denoiser takes 51 ms for one 32³ tile and 14 ms for two
-    (`python bench/bench_single_tile.py`). The copy is dropped afterwards; every layer is per sample, so the
-    result is the same up to float rounding."""
+    native kernel instead of oneDNN: the cpu_tiny denoiser takes about three times as long for one 32³ tile as for
+    two (docs/benchmarks.md, `python bench/bench_single_tile.py`). The copy is dropped afterwards; every layer is
+    per sample, so the result is the same up to float rounding."""
     return x.shape[0] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled()
