@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_diffusion.core.sampling import ENV_EARLY_EXIT, ENV_SEED, ENV_STEPS
+from nnunet_diffusion.core.sampling import ENV_EARLY_EXIT, ENV_SAMPLER, ENV_SEED, ENV_STEPS
 from nnunet_diffusion.environment import with_plugin_environment
 from nnunet_diffusion.utils import markdown_table
 
@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (args.stock, args.diffusion):
         if not (folder / "plans.json").is_file():
             raise SystemExit(f"{folder} is not an nnUNetv2_train output folder (no plans.json)")
-    if os.environ.get(ENV_EARLY_EXIT) or os.environ.get(ENV_STEPS):
-        raise SystemExit(f"unset {ENV_EARLY_EXIT} and {ENV_STEPS}: the benchmark sets them per run")
+    if any(os.environ.get(name) for name in (ENV_EARLY_EXIT, ENV_STEPS, ENV_SAMPLER)):
+        raise SystemExit(f"unset {ENV_EARLY_EXIT}, {ENV_STEPS} and {ENV_SAMPLER}: the benchmark runs each model at "
+                         f"its own default and sets the others per run")
     print(report(run(args), args))
     return 0
 

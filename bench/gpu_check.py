@@ -262,7 +262,7 @@ def predict_rows(space: Workspace, device: torch.device, sizes: Sizes) -> list[l
             predictors[label].predict_logits_from_preprocessed_data(cases[0])  # warm-up (cuDNN autotuning)
         times: dict[str, list[float]] = {label: [] for label in PREDICTED}
         for index, case in enumerate(cases[1:]):
-            labels = list(PREDICTED)[index % 3:] + list(PREDICTED)[:index % 3]
+            labels = list(PREDICTED)[index % len(PREDICTED):] + list(PREDICTED)[:index % len(PREDICTED)]
             for label in labels:
                 predictor = predictors[label]
                 times[label].append(timed(lambda: predictor.predict_logits_from_preprocessed_data(case), device))

@@ -25,7 +25,9 @@ Studies (each one `nnunet-diffusion crossval` command, printed before it runs; r
   stock model and the stock model trained on without diffusion (`nnUNetTrainerStockContinue`), both for a
   quarter of the from-scratch budget at the fine-tuning rate and schedule; recycling from scratch; the ensembles
   with stock, each also after nnU-Net's postprocessing; fine-tuned − continuation and the two ensembles against
-  each other beside the engine's own pairs. DDIM only (the default sampler), every step scored.
+  each other beside the engine's own pairs. DDIM only (the default sampler); every model sampled with 5 steps and
+  every step scored, so that step 1 (exactly the fine-tuned model's one-step default) and step 5 (the paper's)
+  both stand in the per-step table.
 
 Everything goes under --workdir: `raw/`, `preprocessed/`, `<study>/` (the crossval outputs and their trainings).
 A run may span machines: `--kept DIR` copies the scores kept in DIR (`units/**/unit.json`, `ensemble.json`, as
@@ -159,7 +161,7 @@ def study_commands(recipe: Recipe, study: str, workdir: Path, args: argparse.Nam
         return [crossval(recipe, workdir, study_output("route", args), [RECYCLE, FINETUNE, STOCK_CONTINUE], folds,
                          args, "--trainer-epochs", f"{FINETUNE}={short}", f"{STOCK_CONTINUE}={short}",
                          "--compare", f"{FINETUNE}:{STOCK_CONTINUE}", f"{FINETUNE} + {STOCK}:{RECYCLE} + {STOCK}",
-                         "--postprocessing", samplers=("ddim",))]
+                         "--postprocessing", "--steps", "5", samplers=("ddim",))]
     models = cv_output if args.seed_models == "cv" else f"curves/epochs_{args.epochs}"
     return [crossval(recipe, workdir, f"seeds/{models.replace('/', '_')}", [DIFF, RECYCLE], args.folds or [0], args,
                      "--seeds", "0", "1", "2", "3", "4", "--results-root", str(workdir / models / "results"))]

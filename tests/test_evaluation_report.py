@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_diffusion.evaluation.report import (TRAINER_COLOURS, plot_metric_vs_step, records_table, trainer_colour,
-                                               write_csv, write_json)
+from nnunet_diffusion.evaluation.report import (TRAINER_COLOURS, figure_colours, model_of, plot_metric_vs_step,
+                                               records_table, write_csv, write_json)
 from nnunet_diffusion.evaluation.seeds import seed_spread
 
 ROWS = [
@@ -92,9 +92,15 @@ def test_seed_spread_rejects_bad_input(dice: np.ndarray, match: str):
         seed_spread(dice)
 
 
-def test_a_trainer_has_one_colour_in_every_figure_and_the_main_trainers_differ():
-    assert trainer_colour("nnUNetTrainer") == trainer_colour("nnUNetTrainer (ddim)") == "tab:gray"
-    assert trainer_colour("nnUNetTrainerDiffRecycle (ddpm): early exit") == TRAINER_COLOURS["nnUNetTrainerDiffRecycle"]
+def test_a_trainer_has_one_colour_in_every_figure_and_no_figure_uses_one_for_two_models():
+    arms = [f"nnUNetTrainerDiffRecycleFinetune_{e}epochs" for e in (2, 5, 10)]
+    labels = ["nnUNetTrainer", "nnUNetTrainerDiffRecycle (ddpm): early exit", *arms, f"{arms[1]} + nnUNetTrainer",
+              f"{arms[1]} (ddim)"]
+    colours = figure_colours(labels)
+    assert colours["nnUNetTrainer"] == "tab:gray"
+    assert colours["nnUNetTrainerDiffRecycle (ddpm): early exit"] == TRAINER_COLOURS["nnUNetTrainerDiffRecycle"]
+    assert colours[arms[1]] == colours[f"{arms[1]} (ddim)"]
+    models = {model_of(label) for label in labels}
+    assert len({colours[label] for label in labels}) == len(models)
+    assert figure_colours(labels[::-1]) == colours  # the same in every figure that shows the same models
     assert len(set(TRAINER_COLOURS.values())) == len(TRAINER_COLOURS)
-    arm = "nnUNetTrainerDiffRecycleFinetune_5epochs + nnUNetTrainer"
-    assert trainer_colour(arm) == trainer_colour(arm + " (ddim)") not in TRAINER_COLOURS.values()

@@ -96,6 +96,12 @@ def test_stock_model_then_fine_tuning_then_stock_nnunetv2_predict(demo_dataset, 
                for p in logs)
     checkpoint = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), weights_only=False)
     assert int(checkpoint["network_weights"]["default_sampling_steps"]) == 1  # the model's default, in its file
+    checkpoint["network_weights"] = {k: v for k, v in checkpoint["network_weights"].items()
+                                     if not k.startswith("default_")}
+    torch.save(checkpoint, tmp_path / "written_before_defaults.pth")
+    resumed = _trainer(demo_dataset)
+    resumed.load_checkpoint(str(tmp_path / "written_before_defaults.pth"))  # what --c does
+    assert resumed.network.default_sampling.steps == 1  # the trainer's default, not the old checkpoints' T
     predict(demo_dataset, TRAINER, tmp_path / "pred", fold=str(FOLD), extra=["--disable_tta"],
             env={"nnUNet_diffusion_seed": "3"})
     predict(demo_dataset, TRAINER, tmp_path / "one_step", fold=str(FOLD), extra=["--disable_tta"],
@@ -111,3 +117,13 @@ def test_stock_model_then_fine_tuning_then_stock_nnunetv2_predict(demo_dataset, 
     # from random weights does not (0.28), and neither model is trained enough to score against the labels (~0.08).
     predict(demo_dataset, "nnUNetTrainer", tmp_path / "stock", fold=str(FOLD), extra=["--disable_tta"])
     assert mean_dice(demo_dataset, tmp_path / "pred", reference=tmp_path / "stock") > AGREES_WITH_STOCK
+
+
+def test_the_stock_continuation_trains_from_the_stock_model_and_predicts_with_stock_nnunetv2_predict(
+        demo_dataset, stock_fold, tmp_path):
+    train_in_process(demo_dataset, "nnUNetTrainerStockContinue", fold=FOLD)
+    predict(demo_dataset, "nnUNetTrainerStockContinue", tmp_path / "continued", fold=str(FOLD),
+            extra=["--disable_tta"])
+    predict(demo_dataset, "nnUNetTrainer", tmp_path / "stock", fold=str(FOLD), extra=["--disable_tta"])
+    # two iterations at lr 1e-3 on from the stock weights: still the stock model's predictions
+    assert mean_dice(demo_dataset, tmp_path / "continued", reference=tmp_path / "stock") > AGREES_WITH_STOCK

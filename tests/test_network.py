@@ -12,7 +12,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
 from nnunet_diffusion.core.masks import MaskCodec
-from nnunet_diffusion.core.sampling import ENV_SAMPLER, ENV_SEED, ENV_STEPS, SamplerSettings
+from nnunet_diffusion.core.sampling import ENV_EARLY_EXIT, ENV_SAMPLER, ENV_SEED, ENV_STEPS, SamplerSettings
 from nnunet_diffusion.core.sampling_loop import changed_label_fraction, sample, sample_steps
 from nnunet_diffusion.core.schedules import make_alphas_cumprod
 from nnunet_diffusion.core.time_conditioning import FiLMNorm, TimeContext
@@ -184,7 +184,7 @@ def test_settings_passed_in_code_replace_the_environment_and_are_checked_against
 
 
 def test_the_default_sampling_travels_in_the_state_dict_and_old_checkpoints_keep_all_T_steps(monkeypatch):
-    for name in (ENV_SAMPLER, ENV_SEED, ENV_STEPS):
+    for name in (ENV_SAMPLER, ENV_SEED, ENV_STEPS, ENV_EARLY_EXIT):
         monkeypatch.delenv(name, raising=False)
     recommended = _small_network()
     recommended.set_default_sampling(SamplerSettings("ddpm", 1, None, 0.05))
@@ -201,8 +201,22 @@ def test_the_default_sampling_travels_in_the_state_dict_and_old_checkpoints_keep
     assert network.default_sampling == SamplerSettings("ddim", 5)
     assert mismatching_keys(network.state_dict(), old) == []
     assert mismatching_keys(network.state_dict(), {**old, "stray": torch.zeros(1)}) == ["unexpected stray"]
-    with pytest.raises(ValueError, match="exceeds the 5 timesteps"):
+    with pytest.raises(ValueError, match="default of 6 sampling steps exceeds the 5 timesteps"):
         network.set_default_sampling(SamplerSettings("ddim", 6))
+
+
+def test_the_first_step_of_a_T_step_ddim_run_is_the_one_step_run():
+    """Why the per-step tables score a model's one-step default: step 1 of the T-step run is that run."""
+    network = _small_network().eval()
+    _perturb_film(network)
+    image = torch.randn(1, 1, 8, 8, 8)
+    with torch.inference_mode():
+        first = next(iter(network.sample_steps(image, SamplerSettings("ddim", 5, seed=3))))
+        one_step = network.sample(image, SamplerSettings("ddim", 1, seed=3))
+        two_steps = list(network.sample_steps(image, SamplerSettings("ddim", 2, seed=3)))[-1]
+        second = list(network.sample_steps(image, SamplerSettings("ddim", 5, seed=3)))[1]
+    assert torch.equal(first, one_step)
+    assert not torch.equal(second, two_steps)  # step k > 1 of a T-step run is not a k-step run
 
 
 def test_the_recycling_fine_tuning_trainers_default_to_one_step_and_from_scratch_to_T():

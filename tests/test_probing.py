@@ -179,7 +179,7 @@ def test_training_on_cached_features_changes_only_the_head_and_lowers_the_loss(p
     assert all(torch.equal(v, network.state_dict()[k]) for k, v in backbone.items())
 
 
-@pytest.mark.parametrize("probe_class", [c for c in PROBE_TRAINERS if issubclass(c, ProbeTrainer)],
+@pytest.mark.parametrize("probe_class", [c for c in PROBE_TRAINERS + OLD_NAME_TRAINERS if issubclass(c, ProbeTrainer)],
                          ids=lambda c: c.__name__)
 def test_probe_backbone_keys_are_those_of_its_pretraining_network_and_only_the_head_is_new(probe_class,
                                                                                         preprocessed_plans):
@@ -193,9 +193,12 @@ def test_probe_backbone_keys_are_those_of_its_pretraining_network_and_only_the_h
         assert key in pretrained and pretrained[key].shape == value.shape, key
     trainable = {name for name, p in probe.named_parameters() if p.requires_grad}
     assert all(".seg_layers." in name for name, _ in probe.head.named_parameters(prefix="head"))
-    assert trainable == {name for name, _ in probe.head.named_parameters(prefix="head")}
     probe.train()
-    assert probe.head.training and not probe.unet.training
+    if probe_class.freeze_backbone:
+        assert trainable == {name for name, _ in probe.head.named_parameters(prefix="head")}
+        assert probe.head.training and not probe.unet.training
+    else:  # the old fine-tuning names: the backbone is trained too
+        assert any(name.startswith("unet.encoder.") for name in trainable)
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ RESUMED_TRAINERS = [
     "nnUNetTrainerDiffRecycleDS", "nnUNetTrainerDiffRecycleAllT", "nnUNetTrainerDiffRecycleImportance",
     "nnUNetTrainerBPR", "nnUNetTrainerDiffPretrain", "nnUNetTrainerDiffPretrainCoord", "nnUNetTrainerRestorePretrain",
     "nnUNetTrainerRestorePretrainCoord", *(cls.__name__ for cls in PROBE_TRAINERS + OLD_NAME_TRAINERS),
-    "nnUNetTrainerDiffRecycleFinetune"]
+    "nnUNetTrainerDiffRecycleFinetune", "nnUNetTrainerStockContinue"]
 PRETRAINED_STARTS = {cls.__name__: cls.backbone for cls in PROBE_TRAINERS + OLD_NAME_TRAINERS
                      if not issubclass(cls, RandomInit)}
 

@@ -18,6 +18,8 @@ def test_a_models_default_fills_what_the_environment_leaves_unset(monkeypatch):
     monkeypatch.setenv(ENV_STEPS, "5")
     monkeypatch.setenv(ENV_SAMPLER, "ddim")
     assert SamplerSettings.from_environment(5, default) == SamplerSettings("ddim", 5, None, 0.02)
+    monkeypatch.setenv(ENV_EARLY_EXIT, "off")
+    assert SamplerSettings.from_environment(5, default) == SamplerSettings("ddim", 5, None, None)
 
 
 def test_settings_are_read_from_the_environment(monkeypatch):

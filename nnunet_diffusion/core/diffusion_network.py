@@ -54,7 +54,7 @@ class DiffusionSegmentationNetwork(nn.Module):
         self.sampler_settings: SamplerSettings | None = None  # None: the defaults and nnUNet_diffusion_* decide
         self.register_buffer("default_sampling_steps", torch.tensor(0))
         self.register_buffer("default_sampler", torch.tensor(0))
-        self.register_buffer("default_early_exit", torch.tensor(NO_EARLY_EXIT, dtype=torch.float64))
+        self.register_buffer("default_early_exit", torch.tensor(NO_EARLY_EXIT))  # float32: mps has no float64
         self.set_default_sampling(default_sampling or SamplerSettings("ddim", self.num_timesteps))
 
     @property
@@ -67,7 +67,9 @@ class DiffusionSegmentationNetwork(nn.Module):
 
     def set_default_sampling(self, settings: SamplerSettings) -> None:
         """What plain `nnUNetv2_predict` runs with this network (saved in its checkpoint); never a seed."""
-        settings = settings.checked_for(self.num_timesteps)
+        if settings.steps > self.num_timesteps:
+            raise ValueError(f"a default of {settings.steps} sampling steps exceeds the {self.num_timesteps} "
+                             f"timesteps of this network; set the trainer's default_sampling_steps to 1..T")
         self.default_sampling_steps.fill_(settings.steps)
         self.default_sampler.fill_(SAMPLERS.index(settings.sampler))
         tolerance = settings.early_exit_tolerance
@@ -75,7 +77,7 @@ class DiffusionSegmentationNetwork(nn.Module):
 
     @property
     def default_sampling(self) -> SamplerSettings:
-        tolerance = float(self.default_early_exit)
+        tolerance = round(float(self.default_early_exit), 6)
         return SamplerSettings(SAMPLERS[int(self.default_sampler)], int(self.default_sampling_steps), None,
                                None if tolerance == NO_EARLY_EXIT else tolerance)
 

@@ -12,8 +12,8 @@ drives the predictor in its own process passes a `SamplerSettings` instead
 - `nnUNet_diffusion_seed`: integer; every network call then starts from the same seeded noise, so predictions
   are reproducible and independent of tile and case order (unset: fresh noise per call)
 - `nnUNet_diffusion_early_exit`: tolerance in [0, 1]; stop once at most this fraction of voxels changes its
-  label between two consecutive x0 estimates (0: none changes; unset: the model's, which for every trainer is
-  to run all K steps)
+  label between two consecutive x0 estimates (0: none changes; `off`: always run K steps; unset: the model's,
+  which for every trainer is to run all K steps)
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class SamplerSettings:
         sampler = os.environ.get(ENV_SAMPLER, "").strip().lower() or default.sampler
         steps = _parse(ENV_STEPS, int, default.steps)
         seed = _parse(ENV_SEED, int, default.seed)
-        tolerance = _parse(ENV_EARLY_EXIT, float, default.early_exit_tolerance)
+        tolerance = None if os.environ.get(ENV_EARLY_EXIT, "").strip().lower() == "off" else \
+            _parse(ENV_EARLY_EXIT, float, default.early_exit_tolerance)
         return cls(sampler=sampler, steps=steps, seed=seed, early_exit_tolerance=tolerance).checked_for(num_timesteps)
 
 

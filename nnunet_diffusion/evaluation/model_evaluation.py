@@ -85,7 +85,7 @@ def _evaluate_model(predictor: StepPredictor, label: str, cases: Sequence[Case],
     network = diffusion_network(predictor)
     targets = evaluation_targets(predictor.label_manager)
     runs = [(NO_SAMPLER, None)] if network is None else [(s, seed) for s in options.samplers for seed in options.seeds]
-    steps = 1 if network is None else _steps(network.num_timesteps, options.steps, predictor)
+    steps = 1 if network is None else _steps(network, options.steps, predictor)
     folders = {run: _prediction_folder_with_metadata(predictor, prediction_folder(output, label, *run)) for run in runs}
     rows, early, per_k = [], [], []
     with tempfile.TemporaryDirectory(prefix="nnunet_diffusion_steps_") as scratch:
@@ -165,12 +165,13 @@ def summarise_per_k(rows: Sequence[dict]) -> list[dict]:
             for (model, sampler, run), group in groups.items()]
 
 
-def _steps(num_timesteps: int, requested: int | None, predictor: StepPredictor) -> int:
+def _steps(network, requested: int | None, predictor: StepPredictor) -> int:
+    """The steps to sample: `--steps`, else the model's default (what plain `nnUNetv2_predict` runs)."""
     if requested is None:
-        return num_timesteps
-    if not 1 <= requested <= num_timesteps:
-        raise ValueError(f"--steps {requested} is outside 1..{num_timesteps}: {predictor.trainer_name} was trained "
-                         f"with {num_timesteps} timesteps")
+        return network.default_sampling.steps
+    if not 1 <= requested <= network.num_timesteps:
+        raise ValueError(f"--steps {requested} is outside 1..{network.num_timesteps}: {predictor.trainer_name} was "
+                         f"trained with {network.num_timesteps} timesteps")
     return requested
 
 

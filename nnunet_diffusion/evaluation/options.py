@@ -19,7 +19,7 @@ class EvaluationOptions:
     checkpoint: str = "checkpoint_final.pth"
     samplers: tuple[str, ...] = ("ddpm", "ddim")
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    steps: int | None = None  # None: each model's training timesteps T
+    steps: int | None = None  # None: each model's default (from its checkpoint), as nnUNetv2_predict samples
     early_exit: float | None = None
     per_k: bool = False
     device: str = "cuda"
@@ -78,7 +78,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, samplers: Sequence[s
     parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds),
                         help="noise seeds per sampler (≥ 2 for the seed spread; default: "
                              f"{' '.join(map(str, seeds))})")
-    parser.add_argument("--steps", type=int, help="sampling steps K (default: each model's training timesteps)")
+    parser.add_argument("--steps", type=int, help="sampling steps K (default: each model's own, as plain "
+                        "nnUNetv2_predict samples: T for models trained from scratch, 1 for recycling fine-tuned "
+                        "from stock); every step up to K is scored")
     parser.add_argument("-device", "--device", default=device,
                         help=f"cuda, cpu or mps, as for nnUNetv2_predict (default: {device})")
     parser.add_argument("--disable-tta", "--disable_tta", action="store_true", help="no mirroring at test time")

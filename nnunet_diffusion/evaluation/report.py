@@ -15,19 +15,33 @@ from matplotlib.figure import Figure
 from nnunet_diffusion import utils
 
 
-# One colour per trainer in every figure of every report, so that a trainer is recognised across pages; others
-# (short schedules, ensembles, ablations) get a colour from their name, the same one in every figure.
+# One colour per trainer in every figure of every report, so that a trainer is recognised across pages; other
+# models (short schedules, ensembles, ablations) get a colour from their name, moved on to the next free one
+# where two names of one figure would share it.
 TRAINER_COLOURS = {"nnUNetTrainer": "tab:gray", "nnUNetTrainerDiff": "tab:blue",
-                   "nnUNetTrainerDiffRecycle": "tab:orange", "nnUNetTrainerDiffRecycleAllT": "tab:green", "nnUNetTrainerDiffRecycleFinetune": "tab:red",
-                   "nnUNetTrainerStockContinue": "tab:brown", "nnUNetTrainerDiffSelfCond": "tab:purple"}
+                   "nnUNetTrainerDiffRecycle": "tab:orange", "nnUNetTrainerDiffRecycleAllT": "tab:green",
+                   "nnUNetTrainerDiffRecycleFinetune": "tab:red", "nnUNetTrainerStockContinue": "tab:brown",
+                   "nnUNetTrainerDiffSelfCond": "tab:purple"}
 OTHER_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "navy", "gold", "teal", "crimson", "darkkhaki", "indigo",
                  "lightcoral", "darkgreen", "chocolate")
 
 
-def trainer_colour(label: str) -> str:
-    """The colour of the model a plot label names (what precedes " (sampler)" or ": run")."""
-    model = label.split(" (")[0].split(": ")[0]
-    return TRAINER_COLOURS.get(model) or OTHER_COLOURS[zlib.crc32(model.encode()) % len(OTHER_COLOURS)]
+def model_of(label: str) -> str:
+    """The model a plot label names (what precedes " (sampler)" or ": run")."""
+    return label.split(" (")[0].split(": ")[0]
+
+
+def figure_colours(labels: Sequence[str]) -> dict[str, str]:
+    """The colour of every label of one figure: the trainer's own, else its name's, never one a figure uses twice
+    for two models (unless there are more models than colours)."""
+    models = list(dict.fromkeys(model_of(label) for label in labels))
+    colours = {m: TRAINER_COLOURS[m] for m in models if m in TRAINER_COLOURS}
+    for model in sorted(m for m in models if m not in colours):
+        start = zlib.crc32(model.encode()) % len(OTHER_COLOURS)
+        free = [OTHER_COLOURS[(start + i) % len(OTHER_COLOURS)] for i in range(len(OTHER_COLOURS))
+                if OTHER_COLOURS[(start + i) % len(OTHER_COLOURS)] not in colours.values()]
+        colours[model] = free[0] if free else OTHER_COLOURS[start]
+    return {label: colours[model_of(label)] for label in labels}
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -78,9 +92,10 @@ def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_
     figure = Figure(figsize=(5, 3.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    colours = figure_colours(list(curves))
     for name, values in curves.items():
         steps = np.arange(1, len(values) + 1)
-        axes.plot(steps, np.asarray(values, dtype=float), marker="o", label=name, color=trainer_colour(name))
+        axes.plot(steps, np.asarray(values, dtype=float), marker="o", label=name, color=colours[name])
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.xaxis.get_major_locator().set_params(integer=True)
@@ -99,17 +114,18 @@ def plot_dice_vs_time(rows: Sequence[Mapping[str, Any]], out_png: str | Path) ->
     figure = Figure(figsize=(5.5, 3.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    colours = figure_colours([r["model"] for r in rows])
     for model, sampler in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
         group = [r for r in rows if r["model"] == model and r["sampler"] == sampler]
         line = [r for r in group if str(r["run"]).startswith("K = ")]
         label = model if sampler == "-" else f"{model} ({sampler})"
         if line:
             axes.plot([r["seconds_per_case"] for r in line], [r["Dice"] for r in line], marker="o", label=label,
-                      color=trainer_colour(model))
+                      color=colours[model])
         for r in group:
             if r not in line:
                 axes.scatter([r["seconds_per_case"]], [r["Dice"]], marker="*" if sampler != "-" else "s",
-                             label=f"{label}: {r['run']}", color=trainer_colour(model))
+                             label=f"{label}: {r['run']}", color=colours[model])
     axes.set_xlabel("predict seconds per case")
     axes.set_ylabel("mean Dice")
     axes.grid(alpha=0.3)

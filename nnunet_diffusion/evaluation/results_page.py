@@ -64,7 +64,8 @@ def results_markdown(study: Study, summary: dict, splits: Sequence[dict], missin
                 f"{', '.join(map(str, study.repeat_folds or study.folds))})" if study.repeats > 1 else "")
              + f". Budget: {budget}. Prediction: {'with' if options.use_mirroring else 'no'} mirroring, "
              f"samplers {', '.join(options.samplers)}, seeds {', '.join(map(str, options.seeds))}, "
-             f"{options.steps or 'T'} steps.", "",
+             + (f"{options.steps} steps." if options.steps else "each model's default steps (from its checkpoint)."),
+             "",
              "## Held-out Dice", "",
              "Each case's Dice (foreground mean; per class in the named columns) is averaged over sampling seeds "
              "and repeated trainings, then over cases (± sd over cases). `run sd`: the sd of a fold's mean Dice "

@@ -99,7 +99,7 @@ def comparison_pairs(study: Study) -> list[tuple[str, str]]:
     pairs += [(later, earlier) for i, earlier in enumerate(diffusion) for later in diffusion[i + 1:]]
     for t in diffusion:
         pairs += [(f"{t} + {study.baseline}", study.baseline), (f"{t} + {study.baseline}", t)]
-    pairs += [pair for pair in study.compare if pair not in pairs]
+    pairs += [(a, b) for a, b in study.compare if (a, b) not in pairs and (b, a) not in pairs]
     return pairs + [(a + POSTPROCESSED, b + POSTPROCESSED) for a, b in pairs if study.postprocessing]
 
 

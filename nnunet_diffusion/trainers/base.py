@@ -19,10 +19,13 @@ class PluginTrainer(nnUNetTrainer):
     before loading it, keeps the plugin's own state in nnU-Net's checkpoint, and gives trainers with their own
     train/validation steps nnU-Net's precision context, update step and validation gathering."""
     checkpoint_on_cpu = False  # store CPU tensors even when trained on an accelerator
+    training_epochs: int | None = None  # None keeps nnU-Net's 1000; fine-tuning and the short schedules set it
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.training_epochs is not None:
+            self.num_epochs = self.training_epochs
         if self.is_cascaded:
             raise ValueError(f"{type(self).__name__} does not support cascaded configurations ({configuration} "
                              f"uses the segmentation of {self.configuration_manager.previous_stage_name}); train "

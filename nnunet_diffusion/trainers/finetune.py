@@ -42,7 +42,6 @@ class StockStart:
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.finetune_initial_lr
-        self.num_epochs = self.training_epochs
 
     def source_checkpoint(self) -> Path:
         """The stock checkpoint to start from: `nnUNet_diffusion_finetune_from`, else the source trainer's model

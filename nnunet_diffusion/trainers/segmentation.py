@@ -46,7 +46,6 @@ class nnUNetTrainerDiff(PluginTrainer):
     focal_loss = False
     x0_deep_supervision = False  # nnU-Net's deep-supervision loss on the decoder's lower-resolution x0 logits
     timestep_sampling = "uniform"  # or "loss_aware" (see core/timesteps.py)
-    training_epochs: int | None = None  # None keeps nnU-Net's 1000; fine-tuning and the short schedules set it
     # what plain nnUNetv2_predict runs, saved in the checkpoint (nnUNet_diffusion_* override it); None: all T steps
     default_sampling_steps: int | None = None
     default_sampler = "ddim"
@@ -56,8 +55,6 @@ class nnUNetTrainerDiff(PluginTrainer):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = self.x0_deep_supervision
-        if self.training_epochs is not None:
-            self.num_epochs = self.training_epochs
         self.codec = MaskCodec(self.label_manager.num_segmentation_heads,
                                "sigmoid" if self.label_manager.has_regions else "softmax",
                                None if self.label_manager.has_regions else self.label_manager.ignore_label)
@@ -146,8 +143,12 @@ class nnUNetTrainerDiff(PluginTrainer):
         return {TIMESTEP_SAMPLER_KEY: state} if state else {}
 
     def load_plugin_checkpoint_state(self, checkpoint: dict) -> None:
+        """The timestep sampler's history; and a checkpoint written before models carried their default sampling
+        continues (`--c`) with this trainer's default rather than the all-T fallback of old checkpoints."""
         if TIMESTEP_SAMPLER_KEY in checkpoint:
             self.strategy.timestep_sampler.load_state_dict(checkpoint[TIMESTEP_SAMPLER_KEY])
+        if not any(key.endswith("default_sampling_steps") for key in checkpoint["network_weights"]):
+            unwrap(self.network).set_default_sampling(self.default_sampling())
 
 
 class nnUNetTrainerDiffSelfCond(nnUNetTrainerDiff):

@@ -22,8 +22,8 @@ def _trainer_epochs(text: str) -> tuple[str, int]:
 
 def _model_pair(text: str) -> tuple[str, str]:
     a, _, b = text.partition(":")
-    if not a or not b:
-        raise argparse.ArgumentTypeError(f"{text!r} is not A:B, e.g. nnUNetTrainerDiffRecycleFinetune:"
+    if not a or not b or a == b:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B of two models, e.g. nnUNetTrainerDiffRecycleFinetune:"
                                          f"nnUNetTrainerStockContinue")
     return a, b
 
