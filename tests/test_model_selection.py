@@ -2,7 +2,9 @@
 every fold of a small split trained for both trainers and validated by `nnUNetv2_train --val --npz`, then
 `nnUNetv2_find_best_configuration` picks a model or the ensemble, and the inference instructions it writes
 (`nnUNetv2_predict` per model, `nnUNetv2_ensemble`, `nnUNetv2_apply_postprocessing`) run as written — with
-`-device cpu` added, the one change a CPU machine needs — and produce a segmentation of every test image."""
+`-device cpu` added, the one change a CPU machine needs — and produce a segmentation of every test image. Where a
+single model wins, the instructions nnU-Net writes for the ensemble are run as well, so that both routes are
+covered whichever the barely trained models favour."""
 from __future__ import annotations
 
 import json
@@ -72,12 +74,37 @@ def test_find_best_configuration_chooses_between_stock_and_recycling_and_its_ins
     print(f"nnUNetv2_find_best_configuration chose {[m['trainer'] for m in chosen]}: "
           f"{json.dumps(information['all_results'])}")
 
-    folders = {name: tmp_path / name.lower() for name in PLACEHOLDERS}
+    _run_instructions(results / "inference_instructions.txt", len(chosen) == 2, dataset, tmp_path / "chosen")
+    if len(chosen) == 1:  # the other route too: the instructions nnU-Net writes when the ensemble wins
+        _run_instructions(_ensemble_instructions(dataset, information, tmp_path), True, dataset, tmp_path / "ensemble")
+
+
+def _ensemble_instructions(dataset, information: dict, tmp_path: Path) -> Path:
+    """What find_best_configuration writes when the ensemble wins, by nnU-Net's own functions: the ensemble's
+    postprocessing decided on its cross-validation predictions, then `print_inference_instructions`."""
+    from nnunetv2.evaluation.find_best_configuration import print_inference_instructions
+    from nnunetv2.postprocessing.remove_connected_components import determine_postprocessing
+    name = next(k for k in information["all_results"] if k.startswith("ensemble___"))
+    source = Path(os.environ["nnUNet_results"]) / dataset.name / "ensembles" / name
+    determine_postprocessing(str(source), str(Path(os.environ["nnUNet_preprocessed"]) / dataset.name /
+                                              "gt_segmentations"),
+                             plans_file_or_dict=str(source / "plans.json"),
+                             dataset_json_file_or_dict=str(source / "dataset.json"), num_processes=1)
+    information["best_model_or_ensemble"].update(
+        postprocessing_file=str(source / "postprocessing.pkl"), some_plans_file=str(source / "plans.json"),
+        selected_model_or_models=[{"configuration": CONFIGURATION, "trainer": t, "plans_identifier": PLANS}
+                                  for t in (STOCK, FINETUNE)])
+    print_inference_instructions(information, instructions_file=str(tmp_path / "ensemble_instructions.txt"))
+    return tmp_path / "ensemble_instructions.txt"
+
+
+def _run_instructions(instructions: Path, ensemble: bool, dataset, root: Path) -> None:
+    """Every command of an inference_instructions.txt, as written; then a segmentation of every test image."""
+    folders = {name: root / name.lower() for name in PLACEHOLDERS}
     folders["INPUT_FOLDER"] = dataset.test_images
-    lines = [line.strip() for line in (results / "inference_instructions.txt").read_text().splitlines()
-             if line.strip().startswith("nnUNetv2_")]
+    lines = [line.strip() for line in instructions.read_text().splitlines() if line.strip().startswith("nnUNetv2_")]
     programs = [line.split()[0] for line in lines]
-    assert programs == (["nnUNetv2_predict"] * 2 + ["nnUNetv2_ensemble"] if len(chosen) == 2
+    assert programs == (["nnUNetv2_predict"] * 2 + ["nnUNetv2_ensemble"] if ensemble
                         else ["nnUNetv2_predict"]) + ["nnUNetv2_apply_postprocessing"]
     for line in lines:
         run(_as_written(line, folders))
