@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch._dynamo import OptimizedModule
 
-from nnunet_diffusion.core.diffusion_network import DEFAULT_SAMPLING_BUFFERS
+from nnunet_diffusion.core.diffusion_network import is_default_sampling_key
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -26,7 +26,7 @@ def mismatching_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.T
     network's default sampling may be missing: checkpoints written before it existed load with all T steps)."""
     found = {k[7:] if k.startswith("module.") and k not in expected else k: v for k, v in found.items()}
     problems = [f"missing {k}" for k in expected
-                if k not in found and k.rpartition(".")[2] not in DEFAULT_SAMPLING_BUFFERS]
+                if k not in found and not is_default_sampling_key(k)]
     problems += [f"unexpected {k}" for k in found if k not in expected]
     problems += [f"{k}: shape {tuple(found[k].shape)} != expected {tuple(v.shape)}"
                  for k, v in expected.items() if k in found and isinstance(v, torch.Tensor)

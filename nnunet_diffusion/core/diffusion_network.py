@@ -30,6 +30,12 @@ DEFAULT_SAMPLING_BUFFERS = ("default_sampling_steps", "default_sampler", "defaul
 NO_EARLY_EXIT = -1.0
 
 
+def is_default_sampling_key(key: str) -> bool:
+    """Whether a state-dict key (with any wrapper prefix) is one of the default-sampling buffers, which
+    checkpoints written before they existed lack."""
+    return key.rpartition(".")[2] in DEFAULT_SAMPLING_BUFFERS
+
+
 class DiffusionSegmentationNetwork(nn.Module):
     """Denoiser f(image, x_t, t[, x̂0_prev]) → x0 logits; in eval mode `forward(image)` samples a segmentation."""
 

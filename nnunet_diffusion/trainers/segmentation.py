@@ -15,7 +15,7 @@ from nnunetv2.utilities.helpers import softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork
+from nnunet_diffusion.core.diffusion_network import DiffusionSegmentationNetwork, is_default_sampling_key
 from nnunet_diffusion.core.losses import DiceFocalLoss, per_sample_cross_entropy
 from nnunet_diffusion.core.masks import MaskCodec, full_resolution
 from nnunet_diffusion.core.sampling import SamplerSettings, check_environment
@@ -147,7 +147,7 @@ class nnUNetTrainerDiff(PluginTrainer):
         continues (`--c`) with this trainer's default rather than the all-T fallback of old checkpoints."""
         if TIMESTEP_SAMPLER_KEY in checkpoint:
             self.strategy.timestep_sampler.load_state_dict(checkpoint[TIMESTEP_SAMPLER_KEY])
-        if not any(key.endswith("default_sampling_steps") for key in checkpoint["network_weights"]):
+        if not any(is_default_sampling_key(key) for key in checkpoint["network_weights"]):
             unwrap(self.network).set_default_sampling(self.default_sampling())
 
 
