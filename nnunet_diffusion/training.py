@@ -3,8 +3,10 @@ checkpoint interval, and a record of how each training ran.
 
 nnU-Net's own trainer lookup and loop train the model. A fold folder that holds nnU-Net's latest checkpoint is
 resumed from it, exactly as `nnUNetv2_train --c` resumes; a finished one is left alone; a folder that holds a
-training of another budget is refused, so two budgets never mix in one model. `training_record.json`
-beside the checkpoint says what ran: budget, seed, wall clock per session, host, device, versions, command.
+training of another budget (or another number of training cases) is refused, so two budgets never mix in one
+model. With `train_cases` it trains on that many of the fold's training cases (`training_subsets.py`).
+`training_record.json` beside the checkpoint says what ran: budget, seed, training cases, wall clock per session,
+host, device, versions, command.
 `demo`, `ablate`, `crossval`, the tests and the experiments all train through `train`; as
 `python -m nnunet_diffusion.training` it is one training in a fresh process.
 """
@@ -21,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nnunet_diffusion.training_subsets import restrict_training_cases
 from nnunet_diffusion.utils import TrainingBudget, model_folder
 
 TRAINING_RECORD = "training_record.json"
@@ -36,8 +39,9 @@ class TrainingError(RuntimeError):
 @dataclass(frozen=True)
 class TrainingRun:
     """One training: what `nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS` names, plus the budget
-    (None: the trainer's own), the seed, nnU-Net's checkpoint interval and the results root (None:
-    $nnUNet_results)."""
+    (None: the trainer's own), the seed, nnU-Net's checkpoint interval, the results root (None: $nnUNet_results)
+    and the number of the fold's training cases to train on (None: all; the subset is drawn with the seed, 0
+    without one)."""
     dataset: str
     configuration: str
     fold: int | str
@@ -51,6 +55,7 @@ class TrainingRun:
     results: str | None = None
     npz: bool = False
     validate: bool = False
+    train_cases: int | None = None
 
     @property
     def results_root(self) -> Path:
@@ -66,8 +71,10 @@ class TrainingRun:
                             self.plans, self.configuration) / f"fold_{self.fold}"
 
     def settings(self) -> dict:
-        """The budget (which must match for a fold folder to be continued or reused) and the seed."""
-        return {"budget": None if self.budget is None else asdict(self.budget), "seed": self.seed}
+        """The budget and the number of training cases (which must match for a fold folder to be continued or
+        reused) and the seed."""
+        return {"budget": None if self.budget is None else asdict(self.budget), "seed": self.seed,
+                "train_cases": self.train_cases}
 
 
 def read_record(fold_folder: Path) -> dict | None:
@@ -91,13 +98,17 @@ def check_fold_folder(run: TrainingRun) -> str:
     state = training_state(run.fold_folder)
     if state == NEW:
         return state
-    record = read_record(run.fold_folder)
-    held = None if record is None else record["budget"]
-    wanted = run.settings()["budget"]
+    record = read_record(run.fold_folder) or {}
+    held, wanted = record.get("budget"), run.settings()["budget"]
     if held != wanted:
         raise TrainingError(f"{run.fold_folder} holds a training with budget {held or 'of its trainer'}, not the "
                             f"requested {wanted or 'of its trainer'}; give the same budget, another results root, "
                             f"or remove that fold folder")
+    held_cases = record.get("train_cases")
+    if held_cases != run.train_cases:
+        raise TrainingError(f"{run.fold_folder} holds a training on {held_cases or 'all'} of the fold's training "
+                            f"cases, not the requested {run.train_cases or 'all'}; give the same number, another "
+                            f"results root, or remove that fold folder")
     return state
 
 
@@ -164,7 +175,8 @@ def train(run: TrainingRun, command: str | None = None):
         state = _set_aside_unreadable_checkpoints(run.fold_folder)
     record = read_record(run.fold_folder) if state == RESUMABLE else None
     record = record or {**run.settings(), "trainer": run.trainer, "plans": run.plans,
-                        "configuration": run.configuration, "fold": run.fold, "sessions": []}
+                        "configuration": run.configuration, "fold": run.fold,
+                        "pretrained_weights": run.pretrained_weights, "sessions": []}
     session = {"action": "resume" if state == RESUMABLE else "train", "started": time.time(),
                "command": command or " ".join(sys.argv), "device": run.device, **_versions()}
     record["sessions"].append(session)
@@ -185,6 +197,8 @@ def train(run: TrainingRun, command: str | None = None):
         trainer.num_val_iterations_per_epoch = run.budget.val_iterations
     if run.save_every is not None:
         trainer.save_every = run.save_every
+    if run.train_cases is not None:
+        record["train_case_names"] = restrict_training_cases(trainer, run.train_cases, run.seed or 0)
     _write_record(run.fold_folder, record)
     maybe_load_checkpoint(trainer, state != NEW, False, run.pretrained_weights if state == NEW else None)
     trainer.run_training()
@@ -222,13 +236,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", help="results root (default: $nnUNet_results)")
     parser.add_argument("--npz", action="store_true", help="with --validate: keep the probabilities")
     parser.add_argument("--validate", action="store_true", help="run nnU-Net's final validation afterwards")
+    parser.add_argument("--train-cases", type=int, metavar="N", help="train on N of the fold's training cases, "
+                        "drawn with --seed (default: all)")
 
 
 def run_from_args(args: argparse.Namespace) -> TrainingRun:
     return TrainingRun(args.dataset, args.configuration, args.fold if args.fold == "all" else int(args.fold),
                        args.trainer, args.plans, None if args.budget is None else TrainingBudget(*args.budget),
                        args.seed, args.device, args.save_every, args.pretrained_weights, args.results, args.npz,
-                       args.validate)
+                       args.validate, args.train_cases)
 
 
 def run_arguments(run: TrainingRun) -> list[str]:
@@ -236,7 +252,8 @@ def run_arguments(run: TrainingRun) -> list[str]:
     arguments = [str(run.dataset), run.configuration, str(run.fold), run.trainer, "-p", run.plans, "--device",
                  run.device]
     for flag, value in (("--seed", run.seed), ("--save-every", run.save_every),
-                        ("--pretrained-weights", run.pretrained_weights), ("--results", run.results)):
+                        ("--pretrained-weights", run.pretrained_weights), ("--results", run.results),
+                        ("--train-cases", run.train_cases)):
         if value is not None:
             arguments += [flag, str(value)]
     if run.budget is not None:

@@ -16,7 +16,7 @@ from nnunet_diffusion.evaluation.study import HeldOut, Study, Unit, dataset_case
 from nnunet_diffusion.evaluation.summary import summarise
 from nnunet_diffusion.evaluation.unit_scoring import (ComparisonError, archived_unit, ensemble_unit, evaluate_unit,
                                                       postprocess_unit, scored_record)
-from nnunet_diffusion.training import FINISHED, NEW, check_fold_folder, run_arguments
+from nnunet_diffusion.training import FINISHED, NEW, check_fold_folder, run_arguments, training_state
 
 SCORED, ARCHIVED, TO_PREDICT, TO_RESUME, TO_TRAIN = "finished", "kept", "to predict", "to resume", "to train"
 
@@ -62,6 +62,12 @@ class Comparison:
             held_out = {fold: link_fold_cases(study.output, self.raw_dataset, self.preprocessed_dataset /
                                               "gt_segmentations", fold, splits[fold]["val"], file_ending)
                         for fold in study.folds}
+        for unit in study.units():
+            weights = study.pretrained_weights_of(unit)
+            if weights and not Path(weights).is_file() and training_state(study.fold_folder(unit)) == NEW:
+                raise ValueError(f"--pretrained-weights of {unit.trainer}, fold {unit.fold}: {weights} does not "
+                                 f"exist; pretrain that fold first (e.g. nnUNetv2_train … -tr "
+                                 f"nnUNetTrainerDiffPretrain) or give the checkpoint's path")
         return Prepared(self, dataset_json, plans_manager.plans, evaluation_targets(
             plans_manager.get_label_manager(dataset_json)), target_names(dataset_json), splits, held_out)
 
@@ -184,4 +190,7 @@ def finish(prepared: Prepared) -> dict:
     (study.output / "results.md").write_text(results_markdown(study, summary, prepared.splits, missing),
                                              encoding="utf-8")
     plot_results(summary, study.output)
+    if study.train_cases is not None:  # one point of a learning curve: redraw the curve with it
+        from nnunet_diffusion.evaluation.learning_curve import write_learning_curve
+        write_learning_curve(study.output.parent)
     return summary

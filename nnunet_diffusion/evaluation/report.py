@@ -76,9 +76,10 @@ def records_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> 
 
 
 def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_png: str | Path,
-                        xlabel: str = "sampling step") -> Path:
+                        xlabel: str = "sampling step", x_values: Sequence[int] | None = None) -> Path:
     """One line per trainer against sampling step 1..K (e.g. Dice vs step, max ΔDice across seeds vs step), or
-    against another 1-based count named by `xlabel` (epochs, timesteps).
+    against another 1-based count named by `xlabel` (epochs, timesteps), or against `x_values` (e.g. labelled
+    training cases; NaN where a trainer has no value).
 
     Uses the Agg canvas directly, so no display is needed and no global matplotlib backend is changed. The legend
     sits beside the axes and the canvas grows to fit it (a tight bounding box; tight_layout gave up, with a warning,
@@ -94,7 +95,7 @@ def plot_metric_vs_step(curves: Mapping[str, Sequence[float]], ylabel: str, out_
     axes = figure.add_subplot()
     colours = figure_colours(list(curves))
     for name, values in curves.items():
-        steps = np.arange(1, len(values) + 1)
+        steps = np.arange(1, len(values) + 1) if x_values is None else np.asarray(x_values[:len(values)])
         axes.plot(steps, np.asarray(values, dtype=float), marker="o", label=name, color=colours[name])
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)

@@ -227,7 +227,11 @@ def print_dry_run(prepared: Prepared, options: ExecutionOptions) -> None:
 
 
 def run_comparison(comparison: Comparison, options: ExecutionOptions) -> dict:
-    """What `crossval` and `ablate` do with their options: show the state, rewrite the report, or run."""
+    """What `crossval` and `ablate` do with their options: show the state, rewrite the report, or run (a learning
+    curve: each of its comparisons in turn)."""
+    if comparison.study.learning_curve:
+        from nnunet_diffusion.evaluation.learning_curve import run_learning_curve
+        return run_learning_curve(comparison, options)
     prepared = comparison.prepare()
     if options.dry_run:
         print_dry_run(prepared, options)

@@ -61,6 +61,9 @@ class Study:
     margin: float = 0.005  # Dice: differences inside ±margin are "on par"
     test_folder: bool = False  # held-out cases: one test folder for every fold (ablate), not the folds (crossval)
     compare: tuple[tuple[str, str], ...] = ()  # further A − B pairs (models: trainers or "trainer + baseline")
+    pretrained_weights: tuple[tuple[str, str], ...] = ()  # (trainer, checkpoint path; "{fold}" is the fold)
+    train_cases: int | None = None  # each fold's models train on this many of its training cases (None: all)
+    learning_curve: tuple[int, ...] = ()  # one study per number of training cases (`learning_curve.py`)
 
     def __post_init__(self):
         if self.baseline in self.diffusion_trainers:
@@ -84,6 +87,12 @@ class Study:
         if stray:
             raise ValueError(f"--compare names {', '.join(stray)}, which are neither compared trainers nor a diffusion "
                              f"trainer's ensemble 'TRAINER{ensemble}'")
+        stray = sorted({t for t, _ in self.pretrained_weights} - set(self.all_trainers))
+        if stray:
+            raise ValueError(f"--pretrained-weights names {', '.join(stray)}, which are not among the compared "
+                             f"trainers")
+        if any(n < 1 for n in self.learning_curve) or len(set(self.learning_curve)) != len(self.learning_curve):
+            raise ValueError(f"--train-cases must be distinct numbers ≥ 1, got {list(self.learning_curve)}")
         stray_folds = sorted(set(self.repeat_folds) - set(self.folds))
         if stray_folds:
             raise ValueError(f"--repeat-folds {stray_folds} are not among the folds {list(self.folds)}")
@@ -122,11 +131,19 @@ class Study:
     def unit_output(self, unit: Unit) -> Path:
         return self.output / "units" / unit.trainer / f"repeat_{unit.repeat}" / f"fold_{unit.fold}"
 
+    def pretrained_weights_of(self, unit: Unit) -> str | None:
+        """The checkpoint a unit starts from (`-pretrained_weights`), with "{fold}" filled in."""
+        path = dict(self.pretrained_weights).get(unit.trainer)
+        return None if path is None else path.replace("{fold}", str(unit.fold))
+
     def training_run(self, unit: Unit, save_every: int | None = None) -> TrainingRun:
-        """The runner's view of a unit: nnU-Net's names, the unit's budget and seed, its results root."""
+        """The runner's view of a unit: nnU-Net's names, the unit's budget, seed, start weights and training
+        cases (drawn with the unit's seed: the same cases for every trainer of a fold and repeat), its results
+        root."""
         return TrainingRun(self.dataset, self.configuration, unit.fold, unit.trainer, self.plans,
                            self.budget_of(unit.trainer), unit.seed, self.evaluation.device, save_every,
-                           results=str(self.results_of(unit.repeat)))
+                           self.pretrained_weights_of(unit), str(self.results_of(unit.repeat)),
+                           train_cases=self.train_cases)
 
 
 def link_fold_cases(output: Path, raw_dataset: Path, reference_folder: Path, fold: int, cases: Sequence[str],

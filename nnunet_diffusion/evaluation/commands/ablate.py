@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 
 from nnunet_diffusion.environment import plugin_command
-from nnunet_diffusion.evaluation.commands.comparison_arguments import add_study_arguments, comparison_from_args
+from nnunet_diffusion.evaluation.commands.comparison_arguments import (add_study_arguments, comparison_from_args,
+                                                                         written_report)
 from nnunet_diffusion.evaluation.scheduling import run_comparison
 from nnunet_diffusion.evaluation.unit_scoring import ComparisonError
 from nnunet_diffusion.training import TrainingError
@@ -41,5 +42,5 @@ def main(argv: list[str]) -> int:
                                                      args.reference)
         summary = run_comparison(comparison, execution)
     if summary:
-        print(f"wrote {args.output / 'results.md'}, results.json, per_case.csv")
+        print(written_report(args))
     return 0

@@ -28,6 +28,14 @@ def _model_pair(text: str) -> tuple[str, str]:
     return a, b
 
 
+def _pretrained_weights(text: str) -> tuple[str, str]:
+    trainer, _, path = text.partition("=")
+    if not trainer or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TRAINER=CHECKPOINT, e.g. nnUNetTrainerPretrainedFinetune="
+                                         f"pretraining/fold_{{fold}}/checkpoint_final.pth")
+    return trainer, path
+
+
 def add_study_arguments(parser: argparse.ArgumentParser, folds: list[int], seeds: tuple[int, ...]) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name, as for nnUNetv2_train")
     parser.add_argument("-c", "--configuration", required=True, help="e.g. 3d_fullres, or 3d_cpu of a preset")
@@ -56,6 +64,14 @@ def add_study_arguments(parser: argparse.ArgumentParser, folds: list[int], seeds
     parser.add_argument("--compare", nargs="+", default=[], metavar="A:B", type=_model_pair,
                         help="further paired differences A − B to report (trainers, or 'TRAINER + BASELINE' for an "
                         "ensemble), beyond each trainer against the baseline and each ensemble against its members")
+    parser.add_argument("--pretrained-weights", nargs="+", default=[], metavar="TRAINER=CHECKPOINT",
+                        type=_pretrained_weights, help="the checkpoint a trainer starts from, as nnUNetv2_train's "
+                        "-pretrained_weights ('{fold}' in the path is replaced by the fold)")
+    parser.add_argument("--train-cases", nargs="+", type=int, default=[], metavar="N",
+                        help="a learning curve: train every fold's models on N of the fold's training cases, for "
+                        "each N (a seeded subset per fold and repeat, nested across N, the same for every "
+                        "trainer; held-out cases unchanged); one study per N in <output>/train_cases_<N>, and "
+                        "learning_curve.md/json/png in <output>")
     parser.add_argument("--margin", type=float, default=0.005, help="equivalence margin in Dice for the verdicts: "
                         "inside ±margin is on par (default 0.005)")
     parser.add_argument("-o", "--output", type=Path, required=True)
@@ -87,7 +103,16 @@ def comparison_from_args(args: argparse.Namespace, default_results: Path | None,
                   output, Path(results).resolve(), options_from_args(args, save_probabilities=True), budget,
                   args.repeats, tuple(args.repeat_trainers), tuple(args.repeat_folds), num_folds, group_pattern,
                   diffusion_trainers(trainers, args.baseline), tuple(args.trainer_epochs), args.postprocessing,
-                  args.margin, test_images is not None, tuple(args.compare))
+                  args.margin, test_images is not None, tuple(args.compare), tuple(args.pretrained_weights),
+                  learning_curve=tuple(args.train_cases))
     return Comparison(study, Path(nnUNet_raw) / dataset, Path(nnUNet_preprocessed) / dataset,
                       None if test_images is None else test_images.resolve(),
                       None if test_labels is None else test_labels.resolve()), execution
+
+
+def written_report(args: argparse.Namespace) -> str:
+    """What a finished comparison wrote, for the command's last line."""
+    if args.train_cases:
+        return (f"wrote {args.output / 'learning_curve.md'}, learning_curve.json, learning_curve.png (each N's "
+                f"results in {args.output / 'train_cases_<N>'})")
+    return f"wrote {args.output / 'results.md'}, results.json, per_case.csv"

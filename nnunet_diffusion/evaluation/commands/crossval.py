@@ -18,6 +18,14 @@ sets how often nnU-Net writes it). Re-run the same command at any time: it submi
 nor queued or running; --dry-run prints every unit's state and the GPU-hours of what a run would submit;
 --report-only rewrites the report from what exists and lists what is missing.
 
+Learning curves over labelled cases: --train-cases 5 10 20 trains every fold's models on 5, 10 and 20 of the
+fold's training cases (a subset drawn per fold and repeat with the unit's seed, nested across N and the same for
+every trainer; with --repeats 2, two draws), scores them on the fold's unchanged held-out cases, and writes one
+study per N to <output>/train_cases_<N> and Dice against N with each N's paired differences to
+<output>/learning_curve.md (.json with the subsets, .png). --pretrained-weights TRAINER=CHECKPOINT starts a
+trainer from a pretraining checkpoint, as `nnUNetv2_train -pretrained_weights` does ('{fold}' in the path is the
+fold), e.g. nnUNetTrainerPretrainedFinetune against nnUNetTrainerPretrainedFinetuneRandomInit.
+
 Each fold's held-out cases are predicted with nnU-Net's predictor: diffusion models once per sampler and seed,
 every sampling step scored; a non-diffusion model is read from nnU-Net's own fold validation
 (`validation/summary.json`) when that holds what the comparison needs (mirroring on, and probabilities from
@@ -46,7 +54,8 @@ from __future__ import annotations
 import argparse
 
 from nnunet_diffusion.environment import plugin_command
-from nnunet_diffusion.evaluation.commands.comparison_arguments import add_study_arguments, comparison_from_args
+from nnunet_diffusion.evaluation.commands.comparison_arguments import (add_study_arguments, comparison_from_args,
+                                                                         written_report)
 from nnunet_diffusion.evaluation.scheduling import run_comparison
 from nnunet_diffusion.evaluation.splits import NNUNET_SPLIT_SEED
 from nnunet_diffusion.evaluation.unit_scoring import ComparisonError
@@ -71,5 +80,5 @@ def main(argv: list[str]) -> int:
                                                      group_pattern=args.group_by)
         summary = run_comparison(comparison, execution)
     if summary:
-        print(f"wrote {args.output / 'results.md'}, results.json, per_case.csv")
+        print(written_report(args))
     return 0
