@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from nnunet_diffusion.cli import main as cli_main
+from nnunet_diffusion.evaluation.splits import load_or_write_splits
+from nnunet_diffusion.evaluation.study import dataset_cases
 from nnunet_diffusion.training import TrainingError, TrainingRun, check_fold_folder, train
 from nnunet_diffusion.training_subsets import labelled_subset
 from nnunet_diffusion.utils import TrainingBudget, environment
@@ -36,7 +38,11 @@ def test_a_count_outside_the_fold_is_refused_naming_the_range(count):
 
 @pytest.fixture(scope="module")
 def curve_dataset(nnunet_workspace):
-    return make_dataset(985, "LearningCurve", num_train=8, num_test=1)
+    """8 cases in nnU-Net's seeded two-fold split (written first, so that every test sees the same folds)."""
+    dataset = make_dataset(985, "LearningCurve", num_train=8, num_test=1)
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / dataset.name
+    load_or_write_splits(preprocessed, dataset_cases(preprocessed, ".nii.gz"), 2, None)
+    return dataset
 
 
 def _fold_split(dataset, fold: int) -> dict:
@@ -56,10 +62,13 @@ def test_nnunet_trains_on_the_subset_and_validates_on_the_whole_fold(curve_datas
     assert sorted(dataset_val.identifiers) == sorted(split["val"])
 
 
-def test_a_fold_folder_of_another_number_of_cases_is_refused(curve_dataset):
+def test_a_fold_folder_of_another_number_of_cases_is_refused(curve_dataset, tmp_path):
     run = TrainingRun(str(curve_dataset.dataset_id), CONFIGURATION, 0, "nnUNetTrainer", PLANS,
-                      TrainingBudget(1, 1, 1), seed=7, train_cases=2)
-    assert run.fold_folder.joinpath("checkpoint_final.pth").is_file()  # the test above trained it
+                      TrainingBudget(1, 1, 1), seed=7, results=str(tmp_path), train_cases=2)
+    run.fold_folder.mkdir(parents=True)
+    (run.fold_folder / "checkpoint_latest.pth").touch()  # the state check looks for the file only
+    (run.fold_folder / "training_record.json").write_text(json.dumps(run.settings()))
+    assert check_fold_folder(run) == "resumable"
     with pytest.raises(TrainingError, match="training on 2 of the fold's training cases, not the requested 3"):
         check_fold_folder(TrainingRun(**{**run.__dict__, "train_cases": 3}))
     with pytest.raises(TrainingError, match="not the requested all"):
@@ -104,6 +113,16 @@ def test_crossval_learning_curve_with_a_pretrained_trainer_and_its_control(curve
     assert cli_main(arguments) == 0  # resumed: nothing trained or predicted again
     rerun = capsys.readouterr().out
     assert "train " not in rerun and "predict " not in rerun and "learning_curve.md" in rerun
+
+
+def test_more_cases_than_a_fold_trains_on_are_refused_before_anything_trains(curve_dataset, tmp_path):
+    pool = len(_fold_split(curve_dataset, 1)["train"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["crossval", "-d", str(curve_dataset.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", FINETUNE,
+                  "-f", "1", "--num-folds", "2", "--epochs", "1", "--train-cases", "1", str(pool + 1), "-o", str(tmp_path / "out")])
+    assert f"--train-cases {pool + 1}: fold 1 holds {pool} training case(s); give numbers from 1 to {pool}" in \
+        str(exit_info.value.code)
+    assert not (tmp_path / "out" / "results").exists()
 
 
 def test_a_missing_pretraining_checkpoint_is_refused_before_anything_trains(curve_dataset, tmp_path):

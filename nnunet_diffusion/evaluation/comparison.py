@@ -62,6 +62,10 @@ class Comparison:
             held_out = {fold: link_fold_cases(study.output, self.raw_dataset, self.preprocessed_dataset /
                                               "gt_segmentations", fold, splits[fold]["val"], file_ending)
                         for fold in study.folds}
+        for fold in study.folds if splits and study.train_cases is not None else ():
+            if study.train_cases > len(splits[fold]["train"]):
+                raise ValueError(f"--train-cases {study.train_cases}: fold {fold} holds {len(splits[fold]['train'])} "
+                                 f"training case(s); give numbers from 1 to {len(splits[fold]['train'])}")
         for unit in study.units():
             weights = study.pretrained_weights_of(unit)
             if weights and not Path(weights).is_file() and training_state(study.fold_folder(unit)) == NEW:

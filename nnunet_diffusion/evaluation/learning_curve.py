@@ -33,11 +33,14 @@ def comparison_at(comparison: Comparison, train_cases: int) -> Comparison:
 
 def run_learning_curve(comparison: Comparison, options: ExecutionOptions) -> dict:
     """Each N's comparison as `run_comparison` runs one (smallest N first: the cheapest results come first), then
-    the learning curve of whatever has been scored."""
+    the learning curve of whatever has been scored. Every N is checked (`prepare`) before any of them runs."""
     from nnunet_diffusion.evaluation.scheduling import run_comparison
-    for train_cases in sorted(comparison.study.learning_curve):
+    comparisons = {n: comparison_at(comparison, n) for n in sorted(comparison.study.learning_curve)}
+    for each in comparisons.values():
+        each.prepare()
+    for train_cases, each in comparisons.items():
         print(f"--- {train_cases} labelled training case(s) per fold ---", flush=True)
-        run_comparison(comparison_at(comparison, train_cases), options)
+        run_comparison(each, options)
     return {} if options.dry_run else write_learning_curve(comparison.study.output)
 
 
