@@ -58,7 +58,7 @@ def prepare(workdir: Path, data: Path) -> None:
 def pretrain(workdir: Path, trainer: str, budget: TrainingBudget, device: str) -> str:
     """Fold 0's pretraining by the plugin's runner (skipped when finished, resumed when interrupted); returns its
     checkpoint as a `--pretrained-weights` path."""
-    run = TrainingRun(str(DATASET_ID), CONFIGURATION, 0, trainer, PLANS, budget, 0, device,
+    run = TrainingRun(DATASET, CONFIGURATION, 0, trainer, PLANS, budget, 0, device,
                       results=str(workdir / "pretraining"))
     command = [sys.executable, "-m", "nnunet_diffusion.training", *run_arguments(run)]
     print("$ " + " ".join(command), flush=True)
