@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_diffusion.cli import main as cli_main
+from nnunet_diffusion.evaluation.learning_curve import paired_across_curves
 from nnunet_diffusion.evaluation.splits import load_or_write_splits
 from nnunet_diffusion.evaluation.study import dataset_cases
 from nnunet_diffusion.training import TrainingError, TrainingRun, check_fold_folder, train
@@ -82,7 +83,8 @@ def test_crossval_learning_curve_with_a_pretrained_trainer_and_its_control(curve
     arguments = ["crossval", "-d", str(curve_dataset.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-tr", FINETUNE,
                  CONTROL, "-f", "0", "--num-folds", "2", "--epochs", "1", "--iterations", "2", "--val-iterations",
                  "1", "--samplers", "ddim", "--disable-tta", "--train-cases", "3", "1",
-                 "--pretrained-weights", f"{FINETUNE}={checkpoint}", "-o", str(output)]
+                 "--pretrained-weights", f"{FINETUNE}={checkpoint}", "--compare", f"{FINETUNE}:{CONTROL}",
+                 "-o", str(output)]
     assert cli_main(arguments) == 0
     curve = json.loads((output / "learning_curve.json").read_text())
     assert curve["train_cases"] == [1, 3]
@@ -103,7 +105,14 @@ def test_crossval_learning_curve_with_a_pretrained_trainer_and_its_control(curve
         assert {r["model"]: r["cases"] for r in result["table"]} == {
             t: len(split["val"]) for t in ("nnUNetTrainer", FINETUNE, CONTROL)}
     pairs = [(d["train_cases"], d["a"], d["b"]) for d in curve["differences"]]
-    assert pairs == [(n, t, "nnUNetTrainer") for n in (1, 3) for t in (FINETUNE, CONTROL)]
+    assert pairs == [(n, *pair) for n in (1, 3) for pair in
+                     ((FINETUNE, "nnUNetTrainer"), (CONTROL, "nnUNetTrainer"), (FINETUNE, CONTROL))]
+    # the pairing of two learning curves (for models of two datasets) gives what one comparison gives
+    across = paired_across_curves(output, FINETUNE, output, CONTROL, 0.005)
+    within = [d for d in curve["differences"] if (d["a"], d["b"]) == (FINETUNE, CONTROL)]
+    assert [(a["train_cases"], a["cases"], a["mean"], a["interval_low"], a["p_signed_rank"], a["verdict"])
+            for a in across] == [(d["train_cases"], d["cases"], d["mean"], d["interval_low"], d["p_signed_rank"],
+                                  d["verdict"]) for d in within]
     markdown = (output / "learning_curve.md").read_text()
     assert "| model | sampler | N = 1 | N = 3 |" in markdown
     assert f"| 1 | {FINETUNE} − nnUNetTrainer |" in markdown and "verdict" in markdown

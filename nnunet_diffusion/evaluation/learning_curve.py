@@ -23,6 +23,13 @@ def study_folder(output: Path, train_cases: int) -> Path:
     return output / f"train_cases_{train_cases}"
 
 
+def curve_folders(output: Path) -> dict[int, Path]:
+    """The study folder of every N under a learning curve's output, smallest N first."""
+    found = {int(m.group(1)): folder for folder in output.glob("train_cases_*")
+             if (m := _STUDY_FOLDER.search(folder.name))}
+    return dict(sorted(found.items()))
+
+
 def comparison_at(comparison: Comparison, train_cases: int) -> Comparison:
     """The comparison of one N: its own output and results root, so that each N's models and scores stand apart."""
     study = comparison.study
@@ -75,9 +82,8 @@ def learning_curve_markdown(curve: dict) -> str:
 def write_learning_curve(output: Path) -> dict:
     """learning_curve.{json,md,png} from the results.json of every `train_cases_<N>/` under `output` so far."""
     from nnunet_diffusion.evaluation.report import plot_metric_vs_step, write_json
-    results = {int(m.group(1)): json.loads((folder / "results.json").read_text())
-               for folder in output.glob("train_cases_*")
-               if (m := _STUDY_FOLDER.search(folder.name)) and (folder / "results.json").is_file()}
+    results = {n: json.loads((folder / "results.json").read_text()) for n, folder in curve_folders(output).items()
+               if (folder / "results.json").is_file()}
     if not results:
         return {}
     counts = sorted(results)
@@ -102,3 +108,34 @@ def write_learning_curve(output: Path) -> dict:
                         "held-out Dice", output / f"{LEARNING_CURVE}.png", xlabel="labelled training cases (N)",
                         x_values=counts)
     return curve
+
+
+def final_case_scores(per_case_csv: Path, model: str) -> dict[str, float]:
+    """A model's Dice per held-out case from a comparison's per_case.csv: its final prediction (the last sampling
+    step), averaged over seeds, repeats and folds as the comparison's tables average it."""
+    import csv
+
+    from nnunet_diffusion.evaluation.summary import case_scores
+    with per_case_csv.open(newline="", encoding="utf-8") as f:
+        rows = [{**r, "Dice": float(r["Dice"] or "nan")} for r in csv.DictReader(f)
+                if r["model"] == model and r["step"] == r["steps"]]
+    if not rows:
+        raise ValueError(f"{per_case_csv} holds no score of {model}")
+    return case_scores(rows)
+
+
+def paired_across_curves(curve_a: Path, model_a: str, curve_b: Path, model_b: str, margin: float) -> list[dict]:
+    """A − B at each N that both learning curves hold, on their common held-out cases, with the verdict at
+    `margin`: for models that cannot share one comparison, e.g. with and without coordinate channels, which nnU-Net
+    keeps as two datasets of the same cases."""
+    from nnunet_diffusion.evaluation.statistics import paired_difference, verdict
+    rows = []
+    folders_b = curve_folders(curve_b)
+    for n, folder_a in curve_folders(curve_a).items():
+        files = (folder_a / "per_case.csv", folders_b.get(n, curve_b / "-") / "per_case.csv")
+        if not all(file.is_file() for file in files):
+            continue
+        difference = paired_difference(model_a, model_b, final_case_scores(files[0], model_a),
+                                       final_case_scores(files[1], model_b))
+        rows.append({"train_cases": n, **difference.as_row(), "margin": margin, "verdict": verdict(difference, margin)})
+    return rows
