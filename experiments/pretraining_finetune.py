@@ -2,7 +2,7 @@
 learning curve over N, against the same network fine-tuned from random weights and against stock nnU-Net.
 
     python experiments/pretraining_finetune.py hippocampus --workdir /work/runs/fewlabels \
-        --kept experiments/results/pretraining/finetune_hippocampus
+        --kept experiments/results/pretraining/finetune_hippocampus_epochs_20
 
 `hippocampus`: the 200 shared MR cases as nnU-Net dataset 523, split into two folds by nnU-Net's seeded split.
 Fold 0's 100 training cases are the pool: the restorative and the diffusion x0 (T = 10) pretraining train on
@@ -11,8 +11,9 @@ their images only (labels unused; the held-out cases never seen), with the plugi
 draws per N, the same cases for every arm), each pretraining fine-tuned (`nnUNetTrainerPretrainedFinetuneRestore`,
 `nnUNetTrainerPretrainedFinetune`: warm-up then poly from 1e-3, deep supervision), the random-init control
 (`nnUNetTrainerPretrainedFinetuneRandomInit`: the same network and schedule without the weights) and stock
-`nnUNetTrainer` (the reference line), all at one budget, and scores them on fold 0's 100 held-out cases; the
-learning curve is `<workdir>/hippocampus/learning_curve.md`. The run resumes where it stopped; `--kept DIR`
+`nnUNetTrainer` (the reference line), all at one budget (20 epochs × 100 iterations; at 10 × 100 stock's
+validation pseudo-Dice on 5 cases was still rising steeply), and scores them on fold 0's 100 held-out cases; the
+learning curve is `<workdir>/hippocampus_epochs_<E>/learning_curve.md`. The run resumes where it stopped; `--kept DIR`
 restores the scores kept in DIR before it runs and copies scores and tables back after it.
 """
 from __future__ import annotations
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=2, help="subset draws per N (crossval --repeats)")
     parser.add_argument("--pretrain-budget", type=int, nargs=3, default=[10, 100, 10],
                         metavar=("EPOCHS", "ITERATIONS", "VAL_ITERATIONS"))
-    parser.add_argument("--budget", type=int, nargs=3, default=[10, 100, 10],
+    parser.add_argument("--budget", type=int, nargs=3, default=[20, 100, 10],
                         metavar=("EPOCHS", "ITERATIONS", "VAL_ITERATIONS"), help="every fine-tuning arm's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kept", type=Path, help="scores kept from an earlier run, restored before and updated after")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    output = workdir / args.dataset
+    output = workdir / f"{args.dataset}_epochs_{args.budget[0]}"
     if args.kept is not None:
         print(f"restored {copy_kept(args.kept, output, KEPT_SCORES)} kept score file(s) into {output}")
     prepare(workdir, args.data)
