@@ -4,11 +4,12 @@ point-wise non-linear head, on the generated phantom (with anatomical coordinate
     python experiments/pretraining_phantom.py phantom --workdir /work/runs/pretraining
     python experiments/pretraining_phantom.py hippocampus --workdir /work/runs/pretraining_mr
 
-`phantom`: the documented workflow (docs/pretraining.md) with nnU-Net's own tools and the plugin's commands. A
-pretraining phantom (602) and a labelled probe phantom (601) are generated and planned; nnUNetTrainerBPR is
-trained on 602; `add-coordinates` writes both with the BPR's coordinate channels (612, 611) and the probe phantom
-with its true coordinates from the image geometry (621); 612's plans are moved to 611 and 621 and 602's to 601;
-the cpu_tiny preset is derived in all. Arms (each frozen and probed):
+`phantom`: the documented workflow (docs/pretraining.md) with nnU-Net's own tools and the plugin's commands
+(`nnunet_diffusion.datasets.pretraining_study.prepare_phantom`). A pretraining phantom (602) and a labelled probe
+phantom (601) are generated and planned; nnUNetTrainerBPR is trained on 602; `add-coordinates` writes both with
+the BPR's coordinate channels (612, 611) and the probe phantom with its true coordinates from the image geometry
+(621); 612's plans are moved to 611 and 621 and 602's to 601; the cpu_tiny preset is derived in all. Arms (each
+frozen and probed):
 
     random init / + coordinates            a freshly built backbone, never trained
     restorative / + coordinates            nnUNetTrainerRestorePretrain(Coord)
@@ -28,7 +29,7 @@ the Spearman) and, with --real-ct, read at the organ centroids of the TotalSegme
 ../shared/data/msd_hippocampus: random init, restorative, diffusion ε and x0 at T = 10, pretrained on all 200
 images (labels ignored), probed on --probe-cases labelled cases, scored on the rest.
 
-Probes are trained on cached frozen features (`nnunet_diffusion.pretraining.cached_probing`): the backbone runs
+Probes are trained on cached frozen features (`nnunet_diffusion.pretraining.dataset_probing`): the backbone runs
 once per backbone on overlapping tiles of the probe cases, and each probe seed trains the head on a sample of
 those voxels (half foreground) with Adam and cross-entropy; the probe network then predicts the held-out cases
 through nnU-Net's predictor (no mirroring). Finished steps are skipped when the script runs again on the same
@@ -41,37 +42,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nnunet_diffusion.bpr.agreement import coordinate_agreement, real_ct_organs
+from nnunet_diffusion.datasets.pretraining_study import (PhantomStudyDatasets, StudyDataset, StudyFolders,
+                                                         prepare_hippocampus, prepare_phantom)
+from nnunet_diffusion.pretraining.dataset_probing import (HeadTraining, ProbeDataset, VoxelMLP,
+                                                          cached_dataset_features, num_classes, predict_test_cases,
+                                                          probe_network, seed_everything, train_head)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PRESET, PLANS, CONFIGURATION = "cpu_tiny", "nnUNetPlansCPU", "3d_cpu"
 SIZE_GROUPS = ("big", "medium", "small")
-TILE, TILE_STRIDE = 32, 16  # cached probing: the preset's patch size, tiles overlapping by half as in inference
 
-
-@dataclass(frozen=True)
-class Dataset:
-    dataset_id: int
-    name: str
-
-    @property
-    def folder(self) -> str:
-        return f"Dataset{self.dataset_id:03d}_{self.name}"
-
-
-PRETRAIN, PRETRAIN_COORD = Dataset(602, "PhantomPretrain"), Dataset(612, "PhantomPretrainCoord")
-PROBE, PROBE_COORD, PROBE_TRUE = Dataset(601, "Phantom"), Dataset(611, "PhantomCoord"), Dataset(621, "PhantomTrueCoord")
-HIPPOCAMPUS, HIPPOCAMPUS_PROBE = Dataset(631, "HippocampusImages"), Dataset(632, "HippocampusProbe")
+PRETRAIN, PRETRAIN_COORD = StudyDataset(602, "PhantomPretrain"), StudyDataset(612, "PhantomPretrainCoord")
+PROBE, PROBE_COORD = StudyDataset(601, "Phantom"), StudyDataset(611, "PhantomCoord")
+PROBE_TRUE = StudyDataset(621, "PhantomTrueCoord")
+PHANTOM = PhantomStudyDatasets(PRETRAIN, PRETRAIN_COORD, PROBE, PROBE_COORD, PROBE_TRUE)
+HIPPOCAMPUS, HIPPOCAMPUS_PROBE = StudyDataset(631, "HippocampusImages"), StudyDataset(632, "HippocampusProbe")
 
 
 @dataclass(frozen=True)
@@ -79,8 +76,8 @@ class Arm:
     label: str
     pretraining_trainer: str | None  # None: random init, never trained
     probe_trainer: str
-    pretraining_dataset: Dataset
-    probe_dataset: Dataset
+    pretraining_dataset: StudyDataset
+    probe_dataset: StudyDataset
     timesteps: int | None = None
     main: bool = True  # main arms get every pretraining seed, the T sweep the first
 
@@ -115,102 +112,22 @@ def hippocampus_arms() -> list[Arm]:
 
 # --- datasets ---------------------------------------------------------------------------------------------------
 
-def _run(command: list[str], log: Path) -> None:
-    from nnunet_diffusion.demo import run_logged
-    run_logged(command, dict(os.environ), log)
-
-
-def preprocessed(dataset: Dataset) -> Path:
-    return Path(os.environ["nnUNet_preprocessed"]) / dataset.folder
-
-
-def raw(dataset: Dataset) -> Path:
+def raw(dataset: StudyDataset) -> Path:
     return Path(os.environ["nnUNet_raw"]) / dataset.folder
 
 
-def plan_with_preset(dataset: Dataset, log: Path) -> None:
-    from nnunet_diffusion.plans import plan_and_preprocess_with_preset
-    if not (preprocessed(dataset) / f"{PLANS}.json").is_file():
-        plan_and_preprocess_with_preset(dataset.dataset_id, PRESET, Path(os.environ["nnUNet_preprocessed"]),
-                                        lambda command: _run(command, log))
+def probe_dataset(dataset: StudyDataset) -> ProbeDataset:
+    return ProbeDataset(raw(dataset), Path(os.environ["nnUNet_preprocessed"]) / dataset.folder, PLANS, CONFIGURATION)
 
 
-def preprocess_with_plans_of(source: Dataset, target: Dataset, log: Path) -> None:
-    """docs/pretraining.md, section 5: the target planned for its fingerprint only, given the source's plans,
-    preprocessed with them, and the preset derived."""
-    from nnunet_diffusion.plans import write_preset_plans
-    if (preprocessed(target) / f"{PLANS}.json").is_file():
-        return
-    _run(["nnUNetv2_plan_and_preprocess", "-d", str(target.dataset_id), "-c", "3d_fullres", "--no_pp"], log)
-    _run(["nnUNetv2_move_plans_between_datasets", "-s", str(source.dataset_id), "-t", str(target.dataset_id),
-          "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], log)
-    _run(["nnUNetv2_preprocess", "-d", str(target.dataset_id), "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
-          "-np", "2"], log)
-    write_preset_plans(preprocessed(target), PRESET)
-
-
-def add_coordinates(source: Dataset, target: Dataset, log: Path, bpr: Path | None) -> None:
-    if not (raw(target) / "dataset.json").is_file():
-        _run(["nnunet-diffusion", "add-coordinates", str(raw(source)), "--dataset-id", str(target.dataset_id),
-              "--name", target.name, *(["--bpr", str(bpr)] if bpr else ["--geometry"])], log)
-
-
-def prepare_phantom(workdir: Path, args: argparse.Namespace) -> Path:
-    """Every phantom dataset, planned, preprocessed and with coordinates; returns the BPR's checkpoint."""
-    from nnunet_diffusion.datasets.phantom import generate_phantom_dataset
-    log = workdir / "preprocessing.log"
-    if not (raw(PRETRAIN) / "dataset.json").is_file():
-        generate_phantom_dataset(os.environ["nnUNet_raw"], PRETRAIN.dataset_id, PRETRAIN.name, args.pretrain_cases,
-                                 0, seed=1)
-    if not (raw(PROBE) / "dataset.json").is_file():
-        generate_phantom_dataset(os.environ["nnUNet_raw"], PROBE.dataset_id, PROBE.name, args.probe_cases,
-                                 args.test_cases, seed=0)
-    plan_with_preset(PRETRAIN, log)
-    preprocess_with_plans_of(PRETRAIN, PROBE, log)
-    print("training nnUNetTrainerBPR", flush=True)
-    bpr = train(PRETRAIN, "nnUNetTrainerBPR", args.bpr_iterations, args, final_validation=True) / \
-        "checkpoint_final.pth"
-    add_coordinates(PRETRAIN, PRETRAIN_COORD, log, bpr)
-    add_coordinates(PROBE, PROBE_COORD, log, bpr)
-    add_coordinates(PROBE, PROBE_TRUE, log, None)
-    plan_with_preset(PRETRAIN_COORD, log)
-    preprocess_with_plans_of(PRETRAIN_COORD, PROBE_COORD, log)
-    preprocess_with_plans_of(PRETRAIN_COORD, PROBE_TRUE, log)
-    return bpr
-
-
-def prepare_hippocampus(workdir: Path, args: argparse.Namespace) -> None:
-    """The 200 shared images as the pretraining dataset (labels ignored) and, with the same plans, a probe dataset
-    of --probe-cases labelled training cases and the others as held-out test cases."""
-    log = workdir / "preprocessing.log"
-    source = args.data / "msd_hippocampus"
-    if not raw(HIPPOCAMPUS).exists():
-        raw(HIPPOCAMPUS).parent.mkdir(parents=True, exist_ok=True)
-        raw(HIPPOCAMPUS).symlink_to(source.resolve())
-    if not (raw(HIPPOCAMPUS_PROBE) / "dataset.json").is_file():
-        cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (source / "imagesTr").glob("*_0000.nii.gz"))
-        probe_cases = set(np.random.default_rng(0).choice(cases, args.probe_cases, replace=False))
-        staging = raw(HIPPOCAMPUS_PROBE).with_name(f".{HIPPOCAMPUS_PROBE.folder}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        for case in cases:
-            split = "Tr" if case in probe_cases else "Ts"
-            for folder, name in (("images", f"{case}_0000.nii.gz"), ("labels", f"{case}.nii.gz")):
-                (staging / f"{folder}{split}").mkdir(parents=True, exist_ok=True)
-                (staging / f"{folder}{split}" / name).symlink_to((source / f"{folder}Tr" / name).resolve())
-        dataset_json = json.loads((source / "dataset.json").read_text())
-        (staging / "dataset.json").write_text(json.dumps({**dataset_json, "numTraining": args.probe_cases}))
-        staging.rename(raw(HIPPOCAMPUS_PROBE))
-    plan_with_preset(HIPPOCAMPUS, log)
-    preprocess_with_plans_of(HIPPOCAMPUS, HIPPOCAMPUS_PROBE, log)
+def study_folders(workdir: Path) -> StudyFolders:
+    """The workdir's nnU-Net folders; nnU-Net's commands log to preprocessing.log."""
+    from nnunet_diffusion.demo import run_logged
+    return StudyFolders(Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"]),
+                        lambda command: run_logged(command, dict(os.environ), workdir / "preprocessing.log"), PRESET)
 
 
 # --- training and probing -----------------------------------------------------------------------------------------
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 
 def results_of(seed: int) -> Path:
     """Every pretraining seed trains into its own nnUNet_results (seed 0 into the workdir's)."""
@@ -218,7 +135,7 @@ def results_of(seed: int) -> Path:
     return base if seed == 0 else base / f"seed_{seed}"
 
 
-def train(dataset: Dataset, trainer_name: str, iterations: int, args: argparse.Namespace, seed: int = 0,
+def train(dataset: StudyDataset, trainer_name: str, iterations: int, args: argparse.Namespace, seed: int = 0,
           final_validation: bool = False) -> Path:
     """Fold 0 trained by the plugin's runner (`python -m nnunet_diffusion.training`, in a fresh process with the
     seed's nnUNet_results; with nnU-Net's final validation where wanted, for the BPR's bpr_validation.json),
@@ -240,6 +157,17 @@ def train(dataset: Dataset, trainer_name: str, iterations: int, args: argparse.N
     return run.fold_folder
 
 
+def train_bpr(dataset: StudyDataset, args: argparse.Namespace) -> Path:
+    print("training nnUNetTrainerBPR", flush=True)
+    return train(dataset, "nnUNetTrainerBPR", args.bpr_iterations, args, final_validation=True) / \
+        "checkpoint_final.pth"
+
+
+def probe_trainer(name: str) -> type:
+    from nnunet_diffusion.trainers import probes
+    return getattr(probes, name)
+
+
 def backbone_checkpoint(workdir: Path, arm: Arm, seed: int, args: argparse.Namespace) -> Path:
     """The arm's pretraining checkpoint for a seed, trained unless it exists; random init: a freshly built
     pretraining network of the probe's backbone, saved as a checkpoint."""
@@ -248,8 +176,7 @@ def backbone_checkpoint(workdir: Path, arm: Arm, seed: int, args: argparse.Names
         print(f"pretraining {arm.pretraining_trainer} (seed {seed})", flush=True)
         return train(arm.pretraining_dataset, arm.pretraining_trainer, args.pretrain_iterations, args, seed) / \
             "checkpoint_final.pth"
-    from nnunet_diffusion.trainers import probes
-    pretraining_trainer = getattr(probes, arm.probe_trainer).backbone.pretraining_trainer
+    pretraining_trainer = probe_trainer(arm.probe_trainer).backbone.pretraining_trainer
     path = workdir / "random_init" / f"{pretraining_trainer}_seed{seed}.pth"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,85 +188,16 @@ def backbone_checkpoint(workdir: Path, arm: Arm, seed: int, args: argparse.Names
     return path
 
 
-def probe_plans(dataset: Dataset) -> tuple:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    plans_manager = PlansManager(str(preprocessed(dataset) / f"{PLANS}.json"))
-    dataset_json = json.loads((preprocessed(dataset) / "dataset.json").read_text())
-    return plans_manager, plans_manager.get_configuration(CONFIGURATION), dataset_json
+def head_training(args: argparse.Namespace) -> HeadTraining:
+    return HeadTraining(args.voxels_per_tile, args.probe_iterations, args.probe_lr, args.probe_batch_voxels)
 
 
-def probe_cases(dataset: Dataset, data_identifier: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(image, labels) of every preprocessed probe case; voxels outside nnU-Net's crop mask (−1) are background."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    folder = preprocessed(dataset) / data_identifier
-    cases = infer_dataset_class(str(folder))(str(folder))
-    for key in cases.identifiers:
-        data, seg, _, _ = cases.load_case(key)
-        yield torch.from_numpy(np.asarray(data)).float(), torch.from_numpy(np.asarray(seg)[0]).long().clamp_(min=0)
-
-
-def predict_test_cases(network: torch.nn.Module, dataset: Dataset, trainer_name: str, output: Path,
-                       device: str) -> None:
-    """nnU-Net's predictor (what nnUNetv2_predict runs) on the held-out cases, without test-time mirroring."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    plans_manager, configuration, dataset_json = probe_plans(dataset)
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), allow_tqdm=False)
-    predictor.manual_initialization(network, plans_manager, configuration, [network.state_dict()], dataset_json,
-                                    trainer_name, None)
-    predictor.predict_from_files(str(raw(dataset) / "imagesTs"), str(output), save_probabilities=False,
-                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
-
-
-def dice_by_label(predictions: Path, dataset: Dataset) -> dict[str, float]:
+def dice_by_label(predictions: Path, dataset: StudyDataset) -> dict[str, float]:
     from nnunet_diffusion.evaluation.metrics import evaluate_folder
     labels = {name: value for name, value in json.loads((raw(dataset) / "dataset.json").read_text())["labels"].items()
               if value}
     means = evaluate_folder(predictions, raw(dataset) / "labelsTs", list(labels.values()))["mean"]
     return {name: means[str(value)]["Dice"] for name, value in labels.items()}
-
-
-class VoxelMLP(torch.nn.Module):
-    """The probe head on the first `channels` input channels themselves, no backbone: the references' network."""
-
-    def __init__(self, channels: int, classes: int):
-        super().__init__()
-        from nnunet_diffusion.pretraining.heads import NonLinearProbeHead
-        self.channels = channels
-        self.head = NonLinearProbeHead([channels], classes, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head([x[:, :self.channels]], x.shape[2:])
-
-
-def cached(features_of, dataset: Dataset, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features of a sample of the probe cases' voxels, drawn once per backbone (seed 0)."""
-    from nnunet_diffusion.pretraining.cached_probing import cached_features
-    configuration = probe_plans(dataset)[1]
-    return cached_features(features_of, probe_cases(dataset, configuration.data_identifier), TILE, TILE_STRIDE,
-                           args.voxels_per_tile, 0)
-
-
-def train_head(head: torch.nn.Module, level_channels: Sequence[int], features: tuple, seed: int,
-               args: argparse.Namespace) -> list[float]:
-    from nnunet_diffusion.pretraining.cached_probing import train_head_on_cached
-    return train_head_on_cached(head, level_channels, *features, args.probe_iterations, args.probe_lr,
-                                args.probe_batch_voxels, seed)
-
-
-def probe_network(arm: Arm, weights: Path, seed: int) -> torch.nn.Module:
-    """The probe trainer's network as nnUNetv2_train builds it, the backbone copied in by nnU-Net's
-    `load_pretrained_weights` (what -pretrained_weights does); the head initialised from `seed`."""
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-
-    from nnunet_diffusion.trainers import probes
-    plans_manager, configuration, dataset_json = probe_plans(arm.probe_dataset)
-    seed_everything(seed)
-    network = getattr(probes, arm.probe_trainer).build_network_architecture(
-        plans_manager, configuration, len(dataset_json["channel_names"]),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
-    load_pretrained_weights(network, str(weights))
-    return network.eval()
-
 
 def scored(kept: Path, seed: int, run) -> dict:
     """One probe seed: its predictions and record are kept, so a rerun scores them again without probing."""
@@ -390,6 +248,7 @@ def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namesp
     from nnunet_diffusion.pretraining.network import decoder_level_channels
     kept = workdir / "probes" / arm.probe_dataset.folder / f"{arm.pretraining_trainer or arm.label}_seed{pretrain_seed}"
     kept.mkdir(parents=True, exist_ok=True)
+    dataset, trainer = probe_dataset(arm.probe_dataset), probe_trainer(arm.probe_trainer)
     cache: dict = {}
 
     def run(seed: int):
@@ -397,11 +256,13 @@ def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namesp
             if "features" not in cache:
                 cache["weights"] = backbone_checkpoint(workdir, arm, pretrain_seed, args)
                 print(f"caching features: {arm.label} (T {arm.timesteps}, seed {pretrain_seed})", flush=True)
-                cache["features"] = cached(decoder_features_of(probe_network(arm, cache["weights"], 0)),
-                                           arm.probe_dataset, args)
-            network = probe_network(arm, cache["weights"], seed)
-            losses = train_head(network.head, decoder_level_channels(network.unet), cache["features"], seed, args)
-            predict_test_cases(network.eval(), arm.probe_dataset, arm.probe_trainer, output, args.device)
+                cache["features"] = cached_dataset_features(
+                    decoder_features_of(probe_network(trainer, dataset, cache["weights"], 0)), dataset,
+                    head_training(args))
+            network = probe_network(trainer, dataset, cache["weights"], seed)
+            losses = train_head(network.head, decoder_level_channels(network.unet), cache["features"], seed,
+                                head_training(args))
+            predict_test_cases(network.eval(), dataset, arm.probe_trainer, output, args.device)
             return {"cached_voxels": len(cache["features"][1]), "head_loss_first_last_100":
                     [float(np.mean(losses[:100])), float(np.mean(losses[-100:]))]}
         return probe
@@ -412,88 +273,35 @@ def probe_arm(workdir: Path, arm: Arm, pretrain_seed: int, args: argparse.Namesp
         arm.label, arm.timesteps, pretrain_seed, args, earlier_rows)
 
 
-def reference(workdir: Path, label: str, dataset: Dataset, channels: int, args: argparse.Namespace,
+def reference(workdir: Path, label: str, study_dataset: StudyDataset, channels: int, args: argparse.Namespace,
               earlier_rows: dict[tuple, dict]) -> list[dict]:
     """The probe head on the first `channels` input channels (intensity; intensity + true coordinates)."""
-    plans_manager, _, dataset_json = probe_plans(dataset)
-    classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    kept = workdir / "probes" / dataset.folder / f"reference_{channels}_channels"
+    dataset = probe_dataset(study_dataset)
+    kept = workdir / "probes" / study_dataset.folder / f"reference_{channels}_channels"
     kept.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
 
     def run(seed: int):
         def probe(output: Path) -> dict:
             if "features" not in cache:
-                cache["features"] = cached(lambda tile: tile[0, :channels], dataset, args)
+                cache["features"] = cached_dataset_features(lambda tile: tile[0, :channels], dataset,
+                                                            head_training(args))
             seed_everything(seed)
-            network = VoxelMLP(channels, classes)
-            train_head(network.head, [channels], cache["features"], seed, args)
+            network = VoxelMLP(channels, num_classes(dataset))
+            train_head(network.head, [channels], cache["features"], seed, head_training(args))
             predict_test_cases(network.eval(), dataset, "reference", output, args.device)
             return {}
         return probe
     return rows_of_probe_seeds(
         lambda seed: {"arm": label, "T": None, "pretraining": None, "probe": "voxel MLP", "pretrain_seed": None,
-                      "probe_seed": seed, "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], dataset)},
+                      "probe_seed": seed,
+                      "dice": dice_by_label(scored(kept, seed, run(seed))["predictions"], study_dataset)},
         label, None, None, args, earlier_rows)
-
-
-# --- BPR coordinates against true positions -----------------------------------------------------------------------
-
-def coordinate_agreement(bpr: Path) -> dict:
-    """Per probe phantom (none of them seen by the BPR): its BPR coordinate channels (611) against the true ones
-    (621), per axis (they are constant across each slice, so one profile along the axis holds them); with the
-    ordering Spearman of the BPR's own validation (nnUNetTrainerBPR's bpr_validation.json)."""
-    import SimpleITK as sitk
-
-    from nnunet_diffusion.bpr.body_coordinates import pooled_r2, position_agreement
-    axes = ("axial", "coronal", "sagittal")
-    profiles: dict[str, list] = {name: [] for name in axes}
-    per_case: dict[str, dict] = {}
-
-    def profile(dataset: Dataset, file: Path, axis: int) -> np.ndarray:
-        channel = file.parent.relative_to(raw(PROBE_COORD)) / file.name.replace("_0000.", f"_{1 + axis:04d}.")
-        array = sitk.GetArrayFromImage(sitk.ReadImage(str(raw(dataset) / channel)))
-        return np.moveaxis(array, axis, 0)[:, 0, 0].astype(float)
-    for file in sorted(raw(PROBE_COORD).glob("images*/*_0000.nii.gz")):
-        per_case[file.name[:-len("_0000.nii.gz")]] = rows = {}
-        for axis, name in enumerate(axes):
-            predicted, true = profile(PROBE_COORD, file, axis), profile(PROBE_TRUE, file, axis)
-            agreement = position_agreement(predicted, true)
-            rows[name] = {"slope": agreement.slope, "intercept": agreement.intercept}
-            profiles[name].append((predicted, true))
-    validation = json.loads((bpr.parent / "bpr_validation.json").read_text())["mean_per_axis"]
-    return {"per_case": per_case,
-            "pooled_r2": {name: pooled_r2(*zip(*pairs)) for name, pairs in profiles.items()},
-            "spearman": {name: validation[name] for name in axes}}
-
-
-def real_ct_organs(ct: Path, segmentation: Path, bpr: Path) -> dict:
-    """The BPR's axial coordinate at each labelled organ's centroid of the TotalSegmentator example, against the
-    organ's true cranio-caudal position (the scan's own z) and their order (Spearman over organs)."""
-    import SimpleITK as sitk
-    from scipy.stats import spearmanr
-
-    from nnunet_diffusion.datasets.coordinate_channels import BPRCoordinates
-    organs = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "liver", 6: "stomach",
-              7: "pancreas", 8: "right adrenal", 9: "left adrenal", 52: "aorta"}
-    maps = BPRCoordinates(bpr)([ct])
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(segmentation)))
-    image = sitk.ReadImage(str(ct))
-    rows = []
-    for value, name in organs.items():
-        voxels = np.argwhere(labels == value)
-        if len(voxels) == 0:
-            continue
-        z = float(voxels[:, 0].mean())
-        true_mm = image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, z))[2]
-        rows.append({"organ": name, "bpr_axial": float(maps[0, int(round(z)), 0, 0]), "true_z_mm": true_mm})
-    order = spearmanr([r["bpr_axial"] for r in rows], [r["true_z_mm"] for r in rows]).statistic
-    return {"organs": rows, "spearman_over_organs": float(order)}
 
 
 # --- tables ---------------------------------------------------------------------------------------------------------
 
-def organ_groups(dataset: Dataset) -> dict[str, str]:
+def organ_groups(dataset: StudyDataset) -> dict[str, str]:
     return json.loads((raw(dataset) / "dataset.json").read_text()).get("organ_size_groups", {})
 
 
@@ -613,18 +421,23 @@ def main() -> None:
 
     extras: dict = {}
     if args.dataset == "phantom":
-        bpr = prepare_phantom(workdir, args)
+        bpr = prepare_phantom(study_folders(workdir), PHANTOM, args.pretrain_cases, args.probe_cases,
+                              args.test_cases, lambda dataset: train_bpr(dataset, args))
         arms = phantom_arms(args.sweep_prediction)
-        extras["coordinates"] = coordinate_agreement(bpr)
+        extras["coordinates"] = coordinate_agreement(raw(PROBE_COORD), raw(PROBE_TRUE),
+                                                     bpr.parent / "bpr_validation.json")
         if args.real_ct:
+            from nnunet_diffusion.datasets.coordinate_channels import BPRCoordinates
             examples = args.data / "totalseg_examples"
-            extras["real_ct"] = real_ct_organs(examples / "example_ct.nii.gz", examples / "example_seg.nii.gz", bpr)
+            extras["real_ct"] = real_ct_organs(examples / "example_ct.nii.gz", examples / "example_seg.nii.gz",
+                                               BPRCoordinates(bpr))
         references = [("voxel MLP on intensity (floor)", PROBE, 1),
                       ("voxel MLP on intensity + BPR coordinates", PROBE_COORD, 4),
                       ("voxel MLP on intensity + true coordinates (ceiling)", PROBE_TRUE, 4)]
         groups = organ_groups(PROBE)
     else:
-        prepare_hippocampus(workdir, args)
+        prepare_hippocampus(study_folders(workdir), HIPPOCAMPUS, HIPPOCAMPUS_PROBE, args.data / "msd_hippocampus",
+                            args.probe_cases)
         arms, references, groups = hippocampus_arms(), [("voxel MLP on intensity (floor)", HIPPOCAMPUS_PROBE, 1)], {}
     if args.arms:
         arms = [a for a in arms if a.label in args.arms]

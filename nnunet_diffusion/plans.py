@@ -240,11 +240,33 @@ def plan_and_preprocess_with_preset(dataset_id: int, preset_name: str, preproces
     configuration = load_preset(preset_name)["inherits_from"]
     run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", str(processes),
          "-npfp", str(processes), "--verify_dataset_integrity"])
+    return write_preset_plans(_preprocessed_folder(preprocessed_root, dataset_id, "nnUNetv2_plan_and_preprocess"),
+                              preset_name, overrides=overrides)
+
+
+def preprocess_with_plans_of(source_id: int, target_id: int, preset_name: str, preprocessed_root: str | Path,
+                             run: Callable[[list[str]], object], processes: int = 2) -> Path:
+    """The target dataset preprocessed with the source dataset's nnUNetPlans, as docs/pretraining.md (section 5)
+    does it for a probe dataset: nnU-Net plans the target for its fingerprint only (`--no_pp`), copies the source's
+    plans over the target's (`nnUNetv2_move_plans_between_datasets`), preprocesses with them, and the preset is
+    derived from the copied plans, so that a network pretrained on the source fits the target's. Returns the
+    target's preset plans file; `run` executes each command as for `plan_and_preprocess_with_preset`."""
+    configuration = load_preset(preset_name)["inherits_from"]
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(target_id), "-c", configuration, "-npfp", str(processes),
+         "--no_pp"])
+    run(["nnUNetv2_move_plans_between_datasets", "-s", str(source_id), "-t", str(target_id), "-sp", "nnUNetPlans",
+         "-tp", "nnUNetPlans"])
+    run(["nnUNetv2_preprocess", "-d", str(target_id), "-plans_name", "nnUNetPlans", "-c", configuration, "-np",
+         str(processes)])
+    return write_preset_plans(_preprocessed_folder(preprocessed_root, target_id, "nnUNetv2_preprocess"), preset_name)
+
+
+def _preprocessed_folder(preprocessed_root: str | Path, dataset_id: int, command: str) -> Path:
     folders = sorted(Path(preprocessed_root).glob(f"Dataset{dataset_id:03d}_*"))
     if len(folders) != 1:
         raise FileNotFoundError(f"expected one preprocessed folder Dataset{dataset_id:03d}_* in {preprocessed_root} "
-                                f"after nnUNetv2_plan_and_preprocess, found {len(folders)}")
-    return write_preset_plans(folders[0], preset_name, overrides=overrides)
+                                f"after {command}, found {len(folders)}")
+    return folders[0]
 
 
 def main(argv: list[str]) -> int:
